@@ -1,0 +1,30 @@
+"""The one place that branches on transformers/trl versions (DESIGN §1). Import-light: versions are read from
+package metadata, and the heavy libraries are imported only inside functions."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import metadata
+
+from packaging.version import Version
+
+
+@cache
+def version(dist: str) -> Version | None:
+    try:
+        return Version(metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def transformers_v5() -> bool:
+    v = version("transformers")
+    return v is not None and v.major >= 5
+
+
+def is_optimizer_factory(obj) -> bool:
+    """hfx's factory protocol is transformers 5's: anything that is not an ``Optimizer`` subclass is a class whose
+    instances are called as ``factory()(model, **kwargs)``. 4.56 has no such protocol, so hfx applies it itself."""
+    import torch
+
+    return not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer))
