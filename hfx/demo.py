@@ -22,6 +22,7 @@ from pathlib import Path
 
 DEFAULTS = {
     "task": "arithmetic",  # an hfx.toy task
+    "task_args": {},  # its fields, e.g. {"max_operand": 10}
     "warm_start_steps": None,  # None: the task's default (a model right some of the time)
     "methods": "all",  # "all" = every available contribution with a demo, or a comma-separated list of names
     "steps": 20,  # training steps per method
@@ -56,6 +57,7 @@ class DemoRow:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with any of: " + ", ".join(DEFAULTS))
     parser.add_argument("--task", help=f"toy task (default {DEFAULTS['task']})")
+    parser.add_argument("--task-args", type=json.loads, help='task fields as JSON, e.g. \'{"max_operand": 10}\'')
     parser.add_argument("--warm-start-steps", type=int, help="steps of the warm start (default: the task's)")
     parser.add_argument("--methods", help="comma-separated method names, or 'all' (default), or 'none'")
     parser.add_argument("--steps", type=int, help=f"training steps per method (default {DEFAULTS['steps']})")
@@ -96,6 +98,15 @@ def demo_contributions(registry, methods) -> list:
     return [by_name[n] for n in names]
 
 
+def untrained_metric(task, model_path: Path, seed: int) -> float:
+    """The task metric of a randomly initialised model of the warm start's architecture: the "before" of SFT."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return task.evaluate(model.eval(), AutoTokenizer.from_pretrained(model_path))
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB); on CUDA the table reports allocated GPU memory instead."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -109,26 +120,25 @@ def run(args: argparse.Namespace) -> int:
     out = Path(settings["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     contributions = demo_contributions(get_registry(), settings["methods"])
-    task = get_task(settings["task"])
+    task = get_task(settings["task"], **settings["task_args"])
+    metric = getattr(task, "metric_name", "accuracy")
     print(f"hfx demo: task={task.name}, methods={[c.name for c in contributions] or 'none available'}", flush=True)
 
-    t0 = time.perf_counter()
     model_path = warm_start(task, settings["warm_start_steps"], seed=settings["seed"], cache_dir=settings["cache_dir"])
     metrics = json.loads((model_path / "metrics.json").read_text())
     history = json.loads((model_path / "log_history.json").read_text())
     rows = [DemoRow(
-        "warm start (SFT)", task.metric_name, metrics["untrained_eval_accuracy"], metrics["eval_accuracy"],
-        metrics.get("train_seconds", time.perf_counter() - t0), peak_rss_mb(),
-        [h["loss"] for h in history if "loss" in h],
+        "warm start (SFT)", metric, untrained_metric(task, model_path, settings["seed"]), metrics["eval_accuracy"],
+        metrics["train_seconds"], peak_rss_mb(), [h["loss"] for h in history if "loss" in h],
     )]
-    print(f"warm start: {model_path} ({task.metric_name} {rows[0].after:.3f})", flush=True)
+    print(f"warm start: {model_path} ({metric} {rows[0].after:.3f})", flush=True)
 
     for c in contributions:
         ctx = DemoContext(task, model_path, settings["steps"], settings["seed"], out / c.name)
         t0 = time.perf_counter()
         result = c.load("demo")(ctx)
         rows.append(DemoRow(
-            f"{c.kind} {c.name}", task.metric_name, result.get("metric_before", rows[0].after),
+            f"{c.kind} {c.name}", metric, result.get("metric_before", rows[0].after),
             result["metric_after"], time.perf_counter() - t0, peak_rss_mb(), list(result.get("losses", [])),
         ))
 

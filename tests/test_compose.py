@@ -40,11 +40,15 @@ def dpo(model_path, tmp_path, trainer_kwargs=None, **config):
 
 
 def plain_trainer(model_path, tmp_path, cls=None, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     from hfx.testing import FAST_TRAINING_ARGS
-
-    from transformers import TrainingArguments
 
     tok = AutoTokenizer.from_pretrained(model_path)
     data = make_tiny_datasets()["language_modeling"].map(lambda r: tok(r["text"]), remove_columns=["text"])
@@ -86,9 +90,8 @@ def test_optimizer_cls_and_kwargs_on_dpo_which_lacks_the_argument(with_test_plug
 
 
 def test_hfx_optimizer_on_plain_trainer(with_test_plugin, model_path, tmp_path):
-    from transformers import Trainer
-
     from hfx_test_targets import WrappedSGD
+    from transformers import Trainer
 
     # not extended: Trainer's own optimizer_cls_and_kwargs path, lr taken from the args by hfx.optimizer(args=...)
     trainer = plain_trainer(model_path, tmp_path)
@@ -159,7 +162,7 @@ def test_extend_is_cached_and_checks_its_argument():
     assert hfx.extend(Trainer) is hfx.extend(Trainer) is hfx.extend(hfx.extend(Trainer))
     assert issubclass(hfx.extend(Trainer), Trainer)
     assert issubclass(hfx.extend(TrainingArguments), TrainingArguments)
-    with pytest.raises(TypeError, match="takes a transformers.Trainer subclass or a TrainingArguments dataclass"):
+    with pytest.raises(TypeError, match=r"takes a transformers\.Trainer subclass or a TrainingArguments dataclass"):
         hfx.extend(dict)
 
 

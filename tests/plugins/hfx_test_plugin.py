@@ -12,3 +12,4 @@ def hfx_register(registry):
     registry.trainer("toy-sft", "hfx_test_trainers:ToySFTTrainer", config="hfx_test_trainers:ToySFTConfig",
                      description="SFT on a toy task (test)")
     registry.options("testplugin", {"alpha": 1.0, "mode": "a"})
+    registry.cli("hello", "hfx_test_cli:main", help="say hello (a plugin-contributed command)")
