@@ -38,38 +38,37 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 __all__ = [
-    "FAMILIES",
-    "OFFLINE_ENV",
-    "FAST_TRAINING_ARGS",
-    "DEFAULT_TOLERANCES",
     "CHATML_TEMPLATE",
-    "apply_offline_env",
-    "tiny_tokenizer",
-    "tiny_config",
-    "tiny_model",
-    "save_tiny_model",
-    "shared_tiny_model_dir",
-    "make_tiny_datasets",
-    "fast_training_args",
-    "left_padded_batch",
-    "snapshot_params",
-    "params_changed",
-    "sdpa_reference",
-    "assert_matches_sdpa",
-    "generate_greedy",
-    "check_plain_state",
-    "check_weights_only_roundtrip",
-    "TinyMLP",
-    "TrainerConformance",
-    "OptimizerConformance",
+    "DEFAULT_TOLERANCES",
+    "FAMILIES",
+    "FAST_TRAINING_ARGS",
+    "OFFLINE_ENV",
     "AttentionConformance",
     "KernelConformance",
+    "OptimizerConformance",
+    "TinyMLP",
+    "TrainerConformance",
+    "apply_offline_env",
+    "assert_matches_sdpa",
+    "check_plain_state",
+    "check_weights_only_roundtrip",
+    "fast_training_args",
+    "generate_greedy",
+    "left_padded_batch",
+    "make_tiny_datasets",
+    "params_changed",
+    "save_tiny_model",
+    "sdpa_reference",
+    "shared_tiny_model_dir",
+    "snapshot_params",
+    "tiny_config",
+    "tiny_model",
+    "tiny_tokenizer",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -145,12 +144,27 @@ def _corpus() -> list[str]:
     verbs = ["likes", "reads", "writes", "sees", "counts", "trains on", "answers", "solves"]
     objects = ["the book.", "a short story.", "the numbers.", "the question.", "every problem.", "some data."]
     prose = [f"{s} {v} {o}" for s, v, o in itertools.product(subjects, verbs, objects)]
-    maths = [f"What is {a} + {b}? The answer is {a + b}." for a, b in itertools.product(range(0, 100, 7), range(3, 60, 11))]
+    maths = [
+        f"What is {a} + {b}? The answer is {a + b}." for a, b in itertools.product(range(0, 100, 7), range(3, 60, 11))
+    ]
     maths += [f"{a} * {b} = {a * b}" for a, b in itertools.product(range(2, 10), range(2, 10, 3))]
     chat = [
-        "Hello!", "Hi, how are you?", "I am fine, thank you.", "Can you help me?", "Sure, here is the answer.",
-        "You are a helpful assistant.", "system", "user", "assistant", "Thanks a lot!", "Please explain step by step.",
-        "Let me think about it.", "That is correct.", "That is wrong, try again.", "Good morning.", "Good night.",
+        "Hello!",
+        "Hi, how are you?",
+        "I am fine, thank you.",
+        "Can you help me?",
+        "Sure, here is the answer.",
+        "You are a helpful assistant.",
+        "system",
+        "user",
+        "assistant",
+        "Thanks a lot!",
+        "Please explain step by step.",
+        "Let me think about it.",
+        "That is correct.",
+        "That is wrong, try again.",
+        "Good morning.",
+        "Good night.",
     ]
     return prose + maths + chat * 4
 
@@ -176,7 +190,7 @@ def _tokenizer_json() -> str:
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Return a fresh copy of the in-process byte-level BPE tokenizer (ChatML, ~450 tokens).
+    """Return a fresh copy of the in-process byte-level BPE tokenizer (ChatML, 512 tokens).
 
     Each call returns a new object (callers may change ``padding_side`` freely); the vocabulary is the same.
 
@@ -194,7 +208,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         chat_template=CHATML_TEMPLATE,
         model_max_length=1024,
         model_input_names=["input_ids", "attention_mask"],  # transformers 4.x adds token_type_ids otherwise
-
     )
 
 
@@ -208,7 +221,7 @@ _CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwe
 
 
 def tiny_config(family: str = "qwen2", tokenizer: PreTrainedTokenizerFast | None = None, **overrides: Any):
-    """A 2-layer, hidden-32 config of ``family`` sized to the tiny tokenizer (about 30k parameters).
+    """A 2-layer, hidden-32 config of ``family`` sized to the tiny tokenizer (about 35k parameters).
 
     >>> tiny_config("llama", num_hidden_layers=1).num_hidden_layers
     1
@@ -248,7 +261,7 @@ def tiny_model(
 ):
     """A randomly initialised tiny causal LM; the same ``seed`` gives the same weights.
 
-    The global RNG is left untouched.
+    The global RNG is left untouched. Returned in eval mode, like ``from_pretrained``.
 
     >>> model = tiny_model("qwen3", attn_implementation="sdpa")
     >>> model.config.model_type
@@ -289,7 +302,7 @@ def save_tiny_model(
 _SHARED_ROOT: Path | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_tiny_model_dir(family: str = "qwen2") -> Path:
     """Save ``tiny_model(family)`` once per process into a temp dir (removed at exit) and return its path.
 
@@ -332,8 +345,12 @@ def make_tiny_datasets(n: int = 8) -> dict[str, Any]:
         return [{"role": "assistant", "content": a}]
 
     return {
-        "language_modeling": Dataset.from_dict({"text": [f"{q} The answer is {r}." for q, r in zip(questions, right)]}),
-        "conversational": Dataset.from_dict({"messages": [user(q) + assistant(r) for q, r in zip(questions, right)]}),
+        "language_modeling": Dataset.from_dict(
+            {"text": [f"{q} The answer is {r}." for q, r in zip(questions, right, strict=True)]}
+        ),
+        "conversational": Dataset.from_dict(
+            {"messages": [user(q) + assistant(r) for q, r in zip(questions, right, strict=True)]}
+        ),
         "preference": Dataset.from_dict(
             {"prompt": questions, "chosen": [" " + r for r in right], "rejected": [" " + w for w in wrong]}
         ),
@@ -398,9 +415,8 @@ def left_padded_batch(tokenizer, texts: Iterable[str] = PADDING_TEXTS, device: s
     >>> bool((batch["attention_mask"][:, 0] == 0).any())
     True
     """
-    tok = copy.copy(tokenizer)  # shallow copy: the caller's padding_side stays as it was
-    tok.padding_side = "left"
-    batch = tok(list(texts), padding=True, return_tensors="pt")
+    # per-call padding_side leaves the caller's tokenizer as it was
+    batch = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt")
     return batch.to(device) if device is not None else batch
 
 
@@ -435,7 +451,7 @@ def sdpa_reference(model):
         reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     missing = reference.load_state_dict(model.state_dict(), strict=False).missing_keys
     assert not missing, f"the model lacks weights of the plain architecture: {missing}"
-    return reference.to(model.device).eval()
+    return reference.to(device=model.device, dtype=model.dtype).eval()
 
 
 def assert_matches_sdpa(model, tokenizer=None, *, atol: float = 1e-5, rtol: float = 1e-5, texts=PADDING_TEXTS):
@@ -455,7 +471,9 @@ def assert_matches_sdpa(model, tokenizer=None, *, atol: float = 1e-5, rtol: floa
         got = model(**batch).logits[keep]
         want = reference(**batch).logits[keep]
     assert torch.isfinite(got).all(), "non-finite logits at non-pad positions"
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"logits differ from SDPA on a left-padded batch: {m}")
+    torch.testing.assert_close(
+        got, want, atol=atol, rtol=rtol, msg=lambda m: f"logits differ from SDPA on a left-padded batch: {m}"
+    )
 
 
 def generate_greedy(model, tokenizer=None, max_new_tokens: int = 4, texts=PADDING_TEXTS) -> torch.Tensor:
@@ -490,7 +508,7 @@ def check_plain_state(state_dict: Mapping[str, Any]) -> None:
     """
 
     def walk(value, where, allow_str):
-        if isinstance(value, torch.Tensor) or isinstance(value, _PLAIN_SCALARS) or (allow_str and isinstance(value, str)):
+        if isinstance(value, (torch.Tensor, *_PLAIN_SCALARS)) or (allow_str and isinstance(value, str)):
             return
         if isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
@@ -533,14 +551,16 @@ def check_weights_only_roundtrip(obj: Any) -> Any:
 
 @pytest.fixture
 def hf_offline(monkeypatch):
-    """Offline env for one test, undone afterwards. Make it autouse in a conftest with
-    ``@pytest.fixture(autouse=True)\\ndef _offline(hf_offline): pass``."""
+    """:func:`apply_offline_env` for one test, undone afterwards.
+
+    To apply it everywhere, in a conftest: ``@pytest.fixture(autouse=True)`` ``def _offline(hf_offline): ...``
+    """
     apply_offline_env(monkeypatch)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tokenizer():
-    """The tiny ChatML tokenizer (a fresh copy for the session)."""
+    """The tiny ChatML tokenizer, a fresh copy per test (so a test may change it)."""
     return tiny_tokenizer()
 
 
@@ -773,8 +793,10 @@ class OptimizerConformance(_Conformance):
         resumed_model.load_state_dict(saved["model"])
         resumed = self.make_optimizer(resumed_model)
         resumed.load_state_dict(saved["optimizer"])
-        self._run(model, optimizer, 2)
-        self._run(resumed_model, resumed, 2)
+        for m, opt in ((model, optimizer), (resumed_model, resumed)):
+            with torch.random.fork_rng(devices=[]):  # same RNG for both, as Trainer restores it on resume
+                torch.manual_seed(1234)
+                self._run(m, opt, 2)
         diverged = params_changed(snapshot_params(model, trainable_only=False), resumed_model)
         assert not diverged, f"resumed optimizer diverged from the original on {diverged}"
 
@@ -900,7 +922,7 @@ class KernelConformance(_Conformance):
         inputs = self._inputs(shape, dtype)
         copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
         self.kernel(*inputs)
-        for i, (x, c) in enumerate(zip(inputs, copies)):
+        for i, (x, c) in enumerate(zip(inputs, copies, strict=True)):
             if isinstance(x, torch.Tensor):
                 assert torch.equal(x, c), f"input {i} was modified"
 
