@@ -103,23 +103,29 @@ def optimizer(name: str, *, args=None, **kwargs):
     """Resolve a registered hfx optimizer to ``(cls_or_factory, kwargs)`` for
     ``Trainer(optimizer_cls_and_kwargs=...)``.
 
-    ``args`` (a ``TrainingArguments``) fills ``lr``, ``betas`` and ``eps`` from it where the optimizer takes them and
-    ``kwargs`` does not set them (``Trainer`` itself passes only the kwargs given here).
+    Keyword arguments, from lowest to highest precedence: ``lr``/``betas``/``eps``/``weight_decay`` from ``args`` (a
+    ``TrainingArguments``; ``Trainer`` itself passes only the kwargs given here), the optimizer's table in
+    ``plugins.toml`` (e.g. ``[optim.mars] gamma = 0.025``), then ``kwargs``.
 
     >>> cls, kw = hfx.optimizer("mars", lr=3e-3, gamma=0.025)  # doctest: +SKIP
     """
-    contribution = get_registry().get("optimizer", name)
+    registry = get_registry()
+    contribution = registry.get("optimizer", name)
     target = contribution.load("factory" if "factory" in contribution.extras else "target")
     defaults = trainer_optimizer_defaults(target, args) if args is not None else {}
-    return target, {**defaults, **kwargs}
+    return target, {**defaults, **registry.contribution_defaults(contribution), **kwargs}
 
 
 def trainer_optimizer_defaults(cls, args) -> dict:
-    """``lr``/``betas``/``eps`` from TrainingArguments, for the ones ``cls`` accepts (HF's own path drops them for
-    third-party optimizers)."""
-    candidates = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    """``lr``/``betas``/``eps``/``weight_decay`` from TrainingArguments, for the ones ``cls`` accepts (HF's own path
+    drops them for third-party optimizers). For plain optimizer classes Trainer's decay/no-decay param groups still
+    set each group's ``weight_decay``."""
+    candidates = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                  "weight_decay": args.weight_decay}
+    from ._compat import is_optimizer_factory
+
     try:
-        params = inspect.signature(cls).parameters
+        params = inspect.signature(cls.__call__ if is_optimizer_factory(cls) else cls).parameters
     except (TypeError, ValueError):
         return {"lr": args.learning_rate}
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):

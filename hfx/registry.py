@@ -233,6 +233,16 @@ class Registry:
     def exported_names(self) -> list[str]:
         return sorted({a for c in self._contributions.values() if c.available for a in c.exports()})
 
+    def contribution_defaults(self, contribution: Contribution) -> dict:
+        """Default keyword arguments for a contribution from ``plugins.toml``: the sub-table named after it in an
+        option table its plugin owns (``[optim.mars] gamma = 0.025``)."""
+        for table, (owner, _) in self._option_defaults.items():
+            if owner == contribution.plugin:
+                value = self.option_values(table).get(contribution.name)
+                if isinstance(value, dict):
+                    return dict(value)
+        return {}
+
     def option_values(self, table: str) -> dict:
         """The options of ``[table]``: the owner's defaults overridden by ``plugins.toml``."""
         if table not in self._option_defaults:

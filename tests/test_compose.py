@@ -135,7 +135,7 @@ def test_hfx_attention_apply_with_options(with_test_plugin, model_path, tmp_path
 
 
 def test_bad_inputs_name_the_fix(with_test_plugin, model_path, tmp_path):
-    with pytest.raises(ValueError, match=r"hfx_optimizer='nope'.*available: test_factory, test_sgd"):
+    with pytest.raises(ValueError, match=r"hfx_optimizer='nope'.*available: .*test_factory, test_sgd"):
         sft(model_path, tmp_path, hfx_optimizer="nope")
     with pytest.raises(ValueError, match=r"hfx_kernels must be one of auto, torch, triton"):
         sft(model_path, tmp_path, hfx_kernels="cuda")
@@ -175,3 +175,15 @@ def test_extended_config_pickles(tmp_path):
     assert type(copy) is type(args)
     assert (copy.hfx_optimizer, copy.hfx_optimizer_args, copy.beta) == ("mars", {"gamma": 0.1}, 0.3)
     torch.save(args, tmp_path / "training_args.bin")  # what Trainer does on save
+
+
+def test_optimizer_defaults_from_plugins_toml(with_test_plugin):
+    (with_test_plugin / "plugins.toml").write_text("[testplugin]\nalpha = 2.0\n[testplugin.test_sgd]\nmomentum = 0.7\n")
+    hfx.registry.reset()
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir="x", learning_rate=0.3, weight_decay=0.01, report_to="none", use_cpu=True)
+    cls, kwargs = hfx.optimizer("test_sgd", args=args, lr=0.2)
+    assert kwargs == {"lr": 0.2, "weight_decay": 0.01, "momentum": 0.7}  # explicit > plugins.toml > args
+    _, kwargs = hfx.optimizer("test_factory", args=args)
+    assert kwargs == {"lr": 0.3, "weight_decay": 0.01}  # read from the factory's __call__ signature

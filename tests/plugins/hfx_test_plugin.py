@@ -11,5 +11,5 @@ def hfx_register(registry):
     registry.attention("test_apply", "hfx_test_targets:counting_sdpa", apply="hfx_test_targets:apply_scaled_lm_head")
     registry.trainer("toy-sft", "hfx_test_trainers:ToySFTTrainer", config="hfx_test_trainers:ToySFTConfig",
                      description="SFT on a toy task (test)")
-    registry.options("testplugin", {"alpha": 1.0, "mode": "a"})
+    registry.options("testplugin", {"alpha": 1.0, "mode": "a", "test_sgd": {}})
     registry.cli("hello", "hfx_test_cli:main", help="say hello (a plugin-contributed command)")

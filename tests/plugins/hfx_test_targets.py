@@ -16,9 +16,9 @@ class SGDFactory:
 
     calls: list = []
 
-    def __call__(self, model, **kwargs):
+    def __call__(self, model, lr=1e-3, momentum=0.0, weight_decay=0.0):
         SGDFactory.calls.append(sorted(n for n, _ in model.named_parameters())[:1])
-        return WrappedSGD(model.parameters(), **kwargs)
+        return WrappedSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 CALLS = {"attention": 0}
