@@ -183,7 +183,7 @@ def test_optimizer_defaults_from_plugins_toml(with_test_plugin):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir="x", learning_rate=0.3, weight_decay=0.01, report_to="none", use_cpu=True)
-    cls, kwargs = hfx.optimizer("test_sgd", args=args, lr=0.2)
+    _, kwargs = hfx.optimizer("test_sgd", args=args, lr=0.2)
     assert kwargs == {"lr": 0.2, "weight_decay": 0.01, "momentum": 0.7}  # explicit > plugins.toml > args
     _, kwargs = hfx.optimizer("test_factory", args=args)
     assert kwargs == {"lr": 0.3, "weight_decay": 0.01}  # read from the factory's __call__ signature
