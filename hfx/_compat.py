@@ -28,3 +28,12 @@ def is_optimizer_factory(obj) -> bool:
     import torch
 
     return not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer))
+
+
+def checkpointing_field(config_cls) -> str:
+    """transformers 5 renamed ``gradient_checkpointing`` (TRL configs default it to True) to
+    ``activation_checkpointing`` and warns on the old name: the field this version's ``config_cls`` has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import copy
-import dataclasses
 import functools
 import io
 import itertools
@@ -41,6 +40,8 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from ._compat import checkpointing_field
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -390,10 +391,8 @@ def fast_training_args(config_cls: type, output_dir: str | os.PathLike, **overri
     >>> args = fast_training_args(SFTConfig, tmp_path, max_length=64)  # doctest: +SKIP
     """
     kwargs = {**FAST_TRAINING_ARGS, **overrides}
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    if "activation_checkpointing" in fields and "activation_checkpointing" not in kwargs:
-        # newer transformers renamed gradient_checkpointing; the old name warns there
-        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing", False)
+    field = checkpointing_field(config_cls)
+    kwargs.setdefault(field, kwargs.pop("gradient_checkpointing", False))
     return config_cls(output_dir=str(output_dir), **kwargs)
 
 
