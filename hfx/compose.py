@@ -103,8 +103,9 @@ def optimizer(name: str, *, args=None, **kwargs):
     """Resolve a registered hfx optimizer to ``(cls_or_factory, kwargs)`` for
     ``Trainer(optimizer_cls_and_kwargs=...)``.
 
-    Keyword arguments, from lowest to highest precedence: ``lr``/``betas``/``eps``/``weight_decay`` from ``args`` (a
-    ``TrainingArguments``; ``Trainer`` itself passes only the kwargs given here), the optimizer's table in
+    Keyword arguments, from lowest to highest precedence: ``lr`` and any ``betas``/``eps``/``weight_decay`` the user
+    set in ``args`` (a ``TrainingArguments``; ``Trainer`` itself passes only the kwargs given here), the optimizer's
+    table in
     ``plugins.toml`` (e.g. ``[optim.mars] gamma = 0.025``), then ``kwargs``.
 
     >>> cls, kw = hfx.optimizer("mars", lr=3e-3, gamma=0.025)  # doctest: +SKIP
@@ -117,13 +118,20 @@ def optimizer(name: str, *, args=None, **kwargs):
 
 
 def trainer_optimizer_defaults(cls, args) -> dict:
-    """``lr``/``betas``/``eps``/``weight_decay`` from TrainingArguments, for the ones ``cls`` accepts (HF's own path
-    drops them for third-party optimizers). For plain optimizer classes Trainer's decay/no-decay param groups still
-    set each group's ``weight_decay``."""
-    candidates = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
-                  "weight_decay": args.weight_decay}
+    """Keyword arguments for ``cls`` from TrainingArguments: ``lr`` always (the scheduler's base), and ``betas``,
+    ``eps``, ``weight_decay`` when the user changed them from TrainingArguments' defaults, so that an untouched
+    ``adam_beta2=0.999`` does not override a paper's default (MARS: 0.99). HF's own path drops them entirely for
+    third-party optimizers. For plain optimizer classes Trainer's param groups still set each group's weight decay."""
     from ._compat import is_optimizer_factory
 
+    changed = {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}
+    candidates = {"lr": args.learning_rate}
+    if changed & {"adam_beta1", "adam_beta2"}:
+        candidates["betas"] = (args.adam_beta1, args.adam_beta2)
+    if "adam_epsilon" in changed:
+        candidates["eps"] = args.adam_epsilon
+    if "weight_decay" in changed:
+        candidates["weight_decay"] = args.weight_decay
     try:
         params = inspect.signature(cls.__call__ if is_optimizer_factory(cls) else cls).parameters
     except (TypeError, ValueError):

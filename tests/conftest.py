@@ -17,7 +17,6 @@ PLUGINS_DIR = Path(__file__).parent / "plugins"
 if str(PLUGINS_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGINS_DIR))  # test-only plugin modules and their targets
 
-pytest_plugins = ["hfx.testing"]
 
 
 @pytest.fixture

@@ -187,3 +187,20 @@ def test_optimizer_defaults_from_plugins_toml(with_test_plugin):
     assert kwargs == {"lr": 0.2, "weight_decay": 0.01, "momentum": 0.7}  # explicit > plugins.toml > args
     _, kwargs = hfx.optimizer("test_factory", args=args)
     assert kwargs == {"lr": 0.3, "weight_decay": 0.01}  # read from the factory's __call__ signature
+
+
+def test_only_user_set_adam_settings_are_forwarded(with_test_plugin):
+    from transformers import TrainingArguments
+
+    from hfx.compose import trainer_optimizer_defaults
+
+    class Adamish(torch.optim.Adam):
+        def __init__(self, params, lr=1e-3, betas=(0.95, 0.99), eps=1e-6, weight_decay=0.0):
+            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    untouched = TrainingArguments(output_dir="x", learning_rate=0.3, report_to="none", use_cpu=True)
+    assert trainer_optimizer_defaults(Adamish, untouched) == {"lr": 0.3}  # the optimizer's own defaults stand
+    changed = TrainingArguments(output_dir="x", adam_beta2=0.98, adam_epsilon=1e-7, weight_decay=0.1,
+                                report_to="none", use_cpu=True)
+    assert trainer_optimizer_defaults(Adamish, changed) == {"lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-7,
+                                                            "weight_decay": 0.1}
