@@ -1,0 +1,233 @@
+"""hfx-optim benchmarks, as ratios against torch.optim.AdamW measured in the same run. Writes
+benchmarks/results/optim.md (+ optim_convergence.png).
+
+    python benchmarks/optim.py                        # all parts, every registered hfx-optim optimizer
+    python benchmarks/optim.py --parts state,step     # a subset; --quick for a smoke run
+
+Parts:
+  state        optimizer-state bytes (summed over `optimizer.state`) on the linear layers and in total, vs AdamW
+  step         optimizer.step() time on a ~50M-parameter Llama (fixed random gradients), vs AdamW foreach and fused
+  refresh      randomized SVD vs exact SVD of a 2048×2048 gradient at rank 128 (the GaLore 2 refresh)
+  convergence  300 steps on the toy arithmetic task, lr grid of 3 per optimizer; best final eval loss vs AdamW's
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import hfx
+from hfx._compat import is_optimizer_factory
+from hfx.registry import get_registry
+
+RESULTS = Path(__file__).parent / "results"
+# Per-optimizer settings for the comparison: low-rank methods at rank = hidden/4, refresh far away when timing steps.
+LOW_RANK = {"galore2": "rank", "fira": "rank"}
+EXTRA = {"frugal": {"density": 0.25}}
+LR_GRID = (1e-3, 3e-3, 1e-2)
+
+
+def hfx_optimizers() -> list[str]:
+    return sorted(c.name for c in get_registry().contributions("optimizer") if c.plugin == "optim" and c.available)
+
+
+def build(name: str, model: torch.nn.Module, lr: float, hidden: int, gap: int = 200):
+    """An optimizer by benchmark name: 'adamw_foreach', 'adamw_fused' (anchors) or a registered hfx optimizer."""
+    if name.startswith("adamw_"):
+        return torch.optim.AdamW(model.parameters(), lr=lr, **{name.split("_")[1]: True})
+    kwargs = dict(EXTRA.get(name, {}))
+    if name in LOW_RANK:
+        kwargs.update({LOW_RANK[name]: hidden // 4, "update_proj_gap": gap})
+    target, kwargs = hfx.optimizer(name, lr=lr, **kwargs)
+    return target()(model, **kwargs) if is_optimizer_factory(target) else target(model.parameters(), **kwargs)
+
+
+def llama(hidden: int, layers: int, vocab: int = 8192):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.7) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def fill_grads(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+
+
+def state_bytes(optimizer, params=None) -> int:
+    wanted = None if params is None else {id(p) for p in params}
+    return sum(t.numel() * t.element_size() for p, s in optimizer.state.items()
+               if wanted is None or id(p) in wanted for t in s.values() if torch.is_tensor(t))
+
+
+def part_state(names, hidden, layers) -> list[str]:
+    model = llama(hidden, layers)
+    linears = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    rows, anchor = [], None
+    for name in ["adamw_foreach", *names]:
+        opt = build(name, model, 1e-3, hidden)
+        fill_grads(model)
+        opt.step()
+        lin, total = state_bytes(opt, linears), state_bytes(opt)
+        anchor = anchor or (lin, total)
+        rows.append(f"| {name} | {lin / 2**20:.1f} | {lin / anchor[0]:.2f} | {total / 2**20:.1f} | {total / anchor[1]:.2f} |")
+        del opt
+    n_params = sum(p.numel() for p in model.parameters())
+    return [f"## Optimizer state ({n_params / 1e6:.1f}M-parameter Llama, hidden {hidden}, rank {hidden // 4} "
+            f"for low-rank methods)", "",
+            "| optimizer | linear-layer state (MiB) | ÷ AdamW | all state (MiB) | ÷ AdamW |", "|---|---|---|---|---|",
+            *rows, ""]
+
+
+def time_steps(opt, model, steps: int) -> float:
+    times = []
+    for i in range(steps):
+        fill_grads(model, seed=i)
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def part_step(names, hidden, layers, steps) -> list[str]:
+    model = llama(hidden, layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    results = {}
+    for name in ["adamw_foreach", "adamw_fused", *names]:
+        opt = build(name, model, 1e-4, hidden, gap=10**6)
+        time_steps(opt, model, 2)  # warm-up: lazy state and the first projection
+        results[name] = time_steps(opt, model, steps)
+        print(f"step {name}: {results[name] * 1000:.1f} ms", flush=True)
+        del opt
+    fused = results["adamw_fused"]
+    rows = [f"| {n} | {t * 1000:.1f} | {t / fused:.2f} | {t / results['adamw_foreach']:.2f} |" for n, t in results.items()]
+    return [f"## Step time ({n_params / 1e6:.1f}M parameters, median of {steps} steps, between refreshes)", "",
+            "| optimizer | step (ms) | ÷ AdamW fused | ÷ AdamW foreach |", "|---|---|---|---|", *rows, ""]
+
+
+def part_refresh(size, rank, repeats) -> list[str]:
+    from hfx_optim.projection import exact_svd, randomized_svd
+
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(size, size, generator=gen)
+    timings = {}
+    for label, fn in [("exact SVD", lambda: exact_svd(grad, rank)),
+                      ("randomized SVD", lambda: randomized_svd(grad, rank, seed=0))]:
+        fn()
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t)
+        timings[label] = statistics.median(runs)
+    ratio = timings["exact SVD"] / timings["randomized SVD"]
+    return [f"## Projection refresh ({size}×{size} fp32 gradient, rank {rank}, median of {repeats})", "",
+            "| method | time (ms) |", "|---|---|", *[f"| {k} | {v * 1000:.1f} |" for k, v in timings.items()], "",
+            f"Randomized SVD is {ratio:.1f}× faster than exact SVD (target ≥ 5×).", ""]
+
+
+def part_convergence(names, steps, out_png) -> list[str]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from hfx.toy import ArithmeticTask, tokenizer
+
+    tok = tokenizer()
+    task = ArithmeticTask()
+
+    def batches(split):
+        texts = [p + task.answer(p) + tok.eos_token for p in task.prompts(split)]
+        enc = tok(texts, padding=True, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return enc["input_ids"], enc["attention_mask"], labels
+
+    train, evals = batches("train"), batches("eval")
+    curves = {}
+    for name in ["adamw_foreach", *names]:
+        best = None
+        for lr in LR_GRID:
+            torch.manual_seed(0)
+            model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                                 pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+            opt = build(name, model, lr, 128, gap=50)
+            gen = torch.Generator().manual_seed(0)
+            losses = []
+            for _ in range(steps):
+                idx = torch.randint(0, train[0].shape[0], (128,), generator=gen)
+                loss = model(input_ids=train[0][idx], attention_mask=train[1][idx], labels=train[2][idx]).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            with torch.no_grad():
+                eval_loss = model(input_ids=evals[0], attention_mask=evals[1], labels=evals[2]).loss.item()
+            print(f"convergence {name} lr={lr}: eval loss {eval_loss:.4f}", flush=True)
+            if best is None or eval_loss < best[0]:
+                best = (eval_loss, lr, losses)
+        curves[name] = best
+    anchor = curves["adamw_foreach"][0]
+    rows = [f"| {n} | {lr:g} | {loss:.4f} | {loss / anchor:.3f} |" for n, (loss, lr, _) in curves.items()]
+    save_curves(curves, out_png)
+    return [f"## Convergence (toy arithmetic, tiny Qwen2 0.45M, batch 128, {steps} steps, best of an lr grid of 3)", "",
+            "| optimizer | best lr | final eval loss | ÷ AdamW |", "|---|---|---|---|", *rows, "",
+            f"Loss curves: `{out_png.name}`.", ""]
+
+
+def save_curves(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (_, lr, losses) in curves.items():
+        ax.plot(losses, label=f"{name} (lr {lr:g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default="state,step,refresh,convergence")
+    parser.add_argument("--optimizers", default=None, help="comma-separated (default: every registered one)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--out", default=str(RESULTS / "optim.md"))
+    args = parser.parse_args()
+    names = args.optimizers.split(",") if args.optimizers else hfx_optimizers()
+    parts = args.parts.split(",")
+    hidden, layers = (128, 2) if args.quick else (640, 8)
+    torch.set_num_threads(os.cpu_count() or 1)
+    lines = ["# hfx-optim benchmarks", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+             f"Python {platform.python_version()}. Command: `python benchmarks/optim.py "
+             f"--parts {args.parts}{' --quick' if args.quick else ''}`. Ratios are against AdamW measured in the "
+             f"same run.", ""]
+    if "state" in parts:
+        lines += part_state(names, hidden, layers)
+    if "step" in parts:
+        lines += part_step(names, hidden, layers, 3 if args.quick else 10)
+    if "refresh" in parts:
+        lines += part_refresh(256 if args.quick else 2048, 16 if args.quick else 128, 2 if args.quick else 5)
+    if "convergence" in parts:
+        lines += part_convergence(names, 20 if args.quick else 300, Path(args.out).with_name("optim_convergence.png"))
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
