@@ -37,3 +37,9 @@ def checkpointing_field(config_cls) -> str:
 
     names = {f.name for f in dataclasses.fields(config_cls)}
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def trainer_has_factory_protocol() -> bool:
+    """Whether a plain ``Trainer`` builds ``optimizer_cls_and_kwargs`` factories itself (transformers >= 5); on
+    4.56 only hfx-extended trainers do (``HfxTrainerMixin.create_optimizer``)."""
+    return transformers_v5()

@@ -219,13 +219,13 @@ class HfxTrainerMixin:
 
             result = get_registry().hook.hfx_create_optimizer(model=self.model, args=self.args, trainer=self)
             if isinstance(result, tuple):
-                cls, opt_kwargs = result
-                if is_optimizer_factory(cls):  # name-aware optimizers; 4.56's Trainer has no factory protocol
-                    self.optimizer = cls()(self.model, **opt_kwargs)
-                else:
-                    self.optimizer_cls_and_kwargs = result
+                self.optimizer_cls_and_kwargs = result
             elif result is not None:
                 self.optimizer = result
+            if self.optimizer is None and self.optimizer_cls_and_kwargs is not None:
+                cls, opt_kwargs = self.optimizer_cls_and_kwargs
+                if is_optimizer_factory(cls):  # name-aware optimizers; 4.56's Trainer has no factory protocol
+                    self.optimizer = cls()(self.model, **opt_kwargs)
         return super().create_optimizer(*args, **kwargs)
 
     def train(self, *args, **kwargs):

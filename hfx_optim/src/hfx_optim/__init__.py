@@ -13,6 +13,21 @@ _LAZY = {
     "mars_lion_step": "hfx_optim.mars",
     "mars_shampoo_step": "hfx_optim.mars",
     "adamw_1d_step": "hfx_optim.mars",
+    "GaLore2": "hfx_optim.galore2",
+    "GaLore2Factory": "hfx_optim.galore2",
+    "galore_adamw_step": "hfx_optim.galore2",
+    "Fira": "hfx_optim.fira",
+    "FiraFactory": "hfx_optim.fira",
+    "fira_adamw_step": "hfx_optim.fira",
+    "ECO": "hfx_optim.eco",
+    "ECOFactory": "hfx_optim.eco",
+    "ECOMemoryReport": "hfx_optim.eco",
+    "eco_memory_report": "hfx_optim.eco",
+    "eco_adam_step": "hfx_optim.eco",
+    "eco_sgdm_step": "hfx_optim.eco",
+    "FRUGAL": "hfx_optim.frugal",
+    "FRUGALFactory": "hfx_optim.frugal",
+    "frugal_step": "hfx_optim.frugal",
 }
 
 __all__ = [*_LAZY, "__version__"]
