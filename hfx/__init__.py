@@ -28,6 +28,7 @@ _CORE = {
     "get_registry": "hfx.registry:get_registry",
     "HfxPluginError": "hfx.registry:HfxPluginError",
     "HfxConfigError": "hfx.settings:HfxConfigError",
+    "checkpointing_field": "hfx._compat:checkpointing_field",
 }
 _SUBMODULES = ("cli", "compose", "hookspecs", "registry", "settings", "testing", "toy", "demo")
 

@@ -18,6 +18,7 @@ def hfx_register(registry):
     registry.optimizer(
         "mars",
         "hfx_optim.mars:MARS",
+        demo="hfx_optim.demo:mars",
         description="MARS: AdamW/Lion/Shampoo on a variance-reduced, norm-clipped gradient (approximate or exact)",
         paper=MARS_PAPER,
         requires={"torch": ">=2.4"},
@@ -25,6 +26,7 @@ def hfx_register(registry):
     registry.optimizer(
         "galore2",
         "hfx_optim.galore2:GaLore2",
+        demo="hfx_optim.demo:galore2",
         factory="hfx_optim.galore2:GaLore2Factory",
         description="GaLore 2: Adam in a low-rank gradient subspace of the Linear weights, refreshed by randomized SVD",
         paper=GALORE2_PAPER,
@@ -33,6 +35,7 @@ def hfx_register(registry):
     registry.optimizer(
         "fira",
         "hfx_optim.fira:Fira",
+        demo="hfx_optim.demo:fira",
         factory="hfx_optim.fira:FiraFactory",
         description="Fira: low-rank Adam plus the norm-scaled, norm-growth-limited residual (full-rank updates)",
         paper=FIRA_PAPER,
@@ -41,6 +44,7 @@ def hfx_register(registry):
     registry.optimizer(
         "eco",
         "hfx_optim.eco:ECO",
+        demo="hfx_optim.demo:eco",
         factory="hfx_optim.eco:ECOFactory",
         description="ECO: Adam/SGDM without master weights; Linear weights held on an INT8/INT4/FP8 grid, the "
         "quantization error injected into the momentum",
@@ -50,6 +54,7 @@ def hfx_register(registry):
     registry.optimizer(
         "frugal",
         "hfx_optim.frugal:FRUGAL",
+        demo="hfx_optim.demo:frugal",
         factory="hfx_optim.frugal:FRUGALFactory",
         description="FRUGAL: AdamW on a subspace of each Linear gradient (block/SVD/random/coordinates), signSGD or "
         "SGD on the rest (full-rank updates)",
