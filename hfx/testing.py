@@ -70,6 +70,7 @@ __all__ = [
     "tiny_config",
     "tiny_model",
     "tiny_tokenizer",
+    "unwrap_optimizer",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -436,6 +437,14 @@ def params_changed(before: Mapping[str, torch.Tensor], after: Mapping[str, torch
     if isinstance(after, nn.Module):
         after = dict(after.named_parameters())
     return [n for n, old in before.items() if not torch.equal(old, after[n].detach().to(old.device))]
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (what ``Trainer.optimizer`` holds), else ``optimizer``.
+
+    >>> opt = unwrap_optimizer(trainer.optimizer)  # doctest: +SKIP
+    """
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def sdpa_reference(model):

@@ -20,12 +20,8 @@ from torch import nn
 import hfx
 from hfx.testing import (
     OptimizerConformance,
-    apply_offline_env,
     check_weights_only_roundtrip,
-    fast_training_args,
-    make_tiny_datasets,
     params_changed,
-    shared_tiny_model_dir,
     snapshot_params,
     tiny_model,
 )
@@ -481,18 +477,6 @@ def test_memory_report_counts_the_real_tensors(dtype, options):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    import hfx.registry
-
-    apply_offline_env(monkeypatch)
-    for var in ("HFX_DISABLE_PLUGINS", "HFX_DISABLE_PLUGIN_AUTOLOAD", "HFX_PLUGINS_TOML"):
-        monkeypatch.delenv(var, raising=False)
-    hfx.registry.reset()
-    yield hfx.get_registry()
-    hfx.registry.reset()
-
-
 def test_factory_quantizes_targeted_linears_only():
     model = tiny_model("qwen2")
     opt = ECOFactory()(model, lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, bits=4)
@@ -506,13 +490,11 @@ def test_factory_quantizes_targeted_linears_only():
 
 
 @pytest.mark.floor
-def test_registered_and_resolved_through_the_facade(registry):
+def test_registered_and_resolved_through_the_facade(registered):
     from transformers import TrainingArguments
 
-    contribution = registry.get("optimizer", "eco")
-    assert contribution.available and contribution.plugin == "optim"
-    assert contribution.paper == ("ECO: Quantized Training without Full-Precision Master Weights", "2601.22101")
-    assert hfx.ECO is ECO
+    registered("eco", ECO, ("ECO: Quantized Training without Full-Precision Master Weights", "2601.22101"),
+               factory=ECOFactory)
     cls, kwargs = hfx.optimizer("eco", bits=8, variant="sgdm")
     assert cls is ECOFactory and kwargs == {"bits": 8, "variant": "sgdm"}
     args = TrainingArguments(output_dir="unused", learning_rate=3e-3, adam_beta1=0.8, adam_epsilon=1e-7,
@@ -521,13 +503,12 @@ def test_registered_and_resolved_through_the_facade(registry):
     assert kwargs == {"lr": 3e-3, "betas": (0.8, 0.999), "eps": 1e-7, "weight_decay": 0.05}
     import hfx_optim
 
-    assert hfx_optim.ECO is ECO and hfx_optim.eco_memory_report is eco_memory_report
+    assert hfx_optim.eco_memory_report is eco_memory_report
 
 
 @pytest.mark.floor
-def test_sft_trainer_with_hfx_optimizer_eco_and_linear_warmup(registry, tmp_path):
+def test_sft_trainer_with_hfx_optimizer_eco_and_linear_warmup(registry, sft_trainer, train_all, tmp_path):
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     lrs = []
 
@@ -535,18 +516,11 @@ def test_sft_trainer_with_hfx_optimizer_eco_and_linear_warmup(registry, tmp_path
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             lrs.append(optimizer.param_groups[0]["lr"])  # the lr the step just used (the scheduler steps after)
 
-    args = fast_training_args(hfx.extend(SFTConfig), tmp_path, max_length=32, learning_rate=1e-2, weight_decay=0.01,
-                              lr_scheduler_type="linear", warmup_steps=1, hfx_optimizer="eco",
-                              hfx_optimizer_args='{"bits": 8}')
-    trainer = hfx.extend(SFTTrainer)(model=str(shared_tiny_model_dir("qwen2")), args=args, callbacks=[RecordLR()],
-                                     train_dataset=make_tiny_datasets()["language_modeling"])
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    trainer = sft_trainer(tmp_path, learning_rate=1e-2, weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=1,
+                          hfx_optimizer="eco", hfx_optimizer_args='{"bits": 8}', trainer_kwargs={"callbacks": [RecordLR()]})
+    opt = train_all(trainer)
     assert type(opt) is ECO and trainer.state.global_step == 2
     assert lrs == [0.0, 1e-2]  # step 1 ran at lr = 0
-    changed = params_changed(before, trainer.model)
-    assert set(changed) == set(before), f"unchanged: {sorted(set(before) - set(changed))}"
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     params = dict(trainer.model.named_parameters())

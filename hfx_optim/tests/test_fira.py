@@ -2,8 +2,8 @@
 forms and every option, with subspace refreshes and the norm-growth limiter firing; reductions (official == paper at
 scale 1, full-rank subspace == GaLore2); the conformance kit; Trainer/TRL integration; input errors.
 
-The reference shares no code with hfx_optim (numpy; its own SVD, randomized SVD, sign convention and seed
-derivation from the documented contract). Gradient amplitudes 1, 1, 3, 1, 3 make the limiter fire (spec §11).
+The reference (here and in spec_reference.py) shares no code with hfx_optim (numpy; its own SVD, randomized SVD, sign
+convention and seed derivation from the documented contract). Gradient amplitudes 1, 1, 3, 1, 3 make the limiter fire (spec §11).
 """
 
 from __future__ import annotations
@@ -11,18 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from spec_reference import down, grad_t, rel, run_projected, subspace_schedule, up, w0
 from torch import nn
 
 import hfx
-from hfx.testing import (
-    OptimizerConformance,
-    apply_offline_env,
-    fast_training_args,
-    make_tiny_datasets,
-    params_changed,
-    shared_tiny_model_dir,
-    snapshot_params,
-)
+from hfx.testing import OptimizerConformance
 from hfx_optim.fira import Fira, FiraFactory
 from hfx_optim.galore2 import GaLore2
 from hfx_optim.targets import TARGET_FLAG, param_groups
@@ -30,77 +23,6 @@ from hfx_optim.targets import TARGET_FLAG, param_groups
 # --------------------------------------------------------------------------------------------------
 # Independent reference (numpy, float64)
 # --------------------------------------------------------------------------------------------------
-
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64(state: int) -> int:
-    z = (state + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def refresh_seed(group_seed: int, param_index: int, refresh: int) -> int:
-    return splitmix64((splitmix64(group_seed + param_index) >> 1) + refresh) >> 1
-
-
-def grid(m, n):
-    return np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
-
-
-def w0(m, n):
-    i, j = grid(m, n)
-    return 0.5 * np.cos(0.9 * i - 0.4 * j + 0.3)
-
-
-def grad_t(m, n, t, amp=1.0):
-    i, j = grid(m, n)
-    return amp * (np.sin(0.7 * (i + 1) * (j + 1) + 1.1 * t) + 0.3 * np.cos(1.3 * i - 0.6 * j * t))
-
-
-def sides(proj_type, m, n):
-    return {"std": (m < n, m >= n), "reverse_std": (m >= n, m < n), "left": (True, False),
-            "right": (False, True)}[proj_type]
-
-
-def canon(basis):
-    basis = basis.copy()
-    for k in range(basis.shape[1]):
-        if basis[np.argmax(np.abs(basis[:, k])), k] < 0:
-            basis[:, k] *= -1
-    return basis
-
-
-def halko(a, rank, omega, power_iters):
-    q, _ = np.linalg.qr(a @ omega)
-    for _ in range(power_iters):
-        q, _ = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])
-    ub, _, _ = np.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ ub)[:, :rank]
-
-
-def basis(g, rank, proj_type, svd, oversample, power_iters, seed):
-    """(left m×r or None, right r×n or None): exactly one side for Fira."""
-    m, n = g.shape
-    left, _ = sides(proj_type, m, n)
-    a = g if left else g.T  # the right basis is the left singular basis of G^T
-    if svd == "exact":
-        u = np.linalg.svd(a, full_matrices=False)[0][:, :rank]
-    else:
-        k = min(rank + oversample, m, n)
-        omega = torch.randn(a.shape[1], k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        u = halko(a, rank, omega.numpy(), power_iters)
-    u = canon(u)
-    return (u, None) if left else (None, u.T)
-
-
-def down(g, lb, rb):
-    return lb.T @ g if lb is not None else g @ rb.T
-
-
-def up(x, lb, rb):
-    return lb @ x if lb is not None else x @ rb
 
 
 DEFAULTS = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, rank=2, update_proj_gap=2, scale=0.25,
@@ -117,8 +39,8 @@ def reference_fira(shape, steps, amps=AMPS, **options):
     m, n = shape
     w, b = w0(m, n), w0(m, 1)[:, 0]
     mb, vb = np.zeros(m), np.zeros(m)
-    mw = vw = lb = rb = prev = None
-    tw = refreshes = 0
+    mw = vw = prev = None
+    tw = 0
     limiters = []
 
     def bc(t):
@@ -127,15 +49,11 @@ def reference_fira(shape, steps, amps=AMPS, **options):
     def decay(x, step, wd_):
         return (x * (1 - lr * wd_) - step) if o["decay_mode"] == "before" else (x - step) * (1 - lr * wd_)
 
-    for t in range(1, steps + 1):
-        g = grad_t(m, n, t, amps[t - 1])
-        if (t - 1) % o["update_proj_gap"] == 0:
-            lb, rb = basis(g, o["rank"], o["proj_type"], o["svd"], o["oversample"], o["power_iters"],
-                           refresh_seed(o["seed"], 0, refreshes))
-            refreshes += 1
-            if mw is None or o["moments_on_refresh"] == "reset":
-                mw = vw = np.zeros_like(down(g, lb, rb))
-                tw = 0
+    grads = (grad_t(m, n, t, amps[t - 1]) for t in range(1, steps + 1))
+    for t, (g, lb, rb, fresh) in enumerate(subspace_schedule(o, grads), 1):  # exactly one of lb, rb for Fira
+        if fresh:
+            mw = vw = np.zeros_like(down(g, lb, rb))
+            tw = 0
         tw += 1
         r = down(g, lb, rb)
         mw, vw = b1 * mw + (1 - b1) * r, b2 * vw + (1 - b2) * r * r
@@ -168,21 +86,7 @@ def run(shape, steps, dtype=torch.float64, amps=AMPS, cls=Fira, **options):
     o = {**DEFAULTS, **options}
     if cls is GaLore2:
         del o["residual"], o["norm_growth_limit"]
-    m, n = shape
-    w = nn.Parameter(torch.tensor(w0(m, n), dtype=dtype))
-    b = nn.Parameter(torch.tensor(w0(m, 1)[:, 0], dtype=dtype))
-    rank = o.pop("rank")
-    opt = cls([{"params": [("layer.weight", w)], "rank": rank}, {"params": [("layer.bias", b)], "weight_decay": 0.0}],
-              **o)
-    for t in range(1, steps + 1):
-        w.grad = torch.tensor(grad_t(m, n, t, amps[t - 1]), dtype=dtype)
-        b.grad = torch.tensor(grad_t(m, 1, t, amps[t - 1])[:, 0], dtype=dtype)
-        opt.step()
-    return w.detach(), b.detach(), opt
-
-
-def rel(x, ref):
-    return float(np.abs(x.double().numpy() - ref).max() / np.abs(ref).max())
+    return run_projected(cls, shape, steps, o, dtype, amps)
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -291,46 +195,20 @@ class TestConformancePaperRandomized(_FiraConformance):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    import hfx.registry
-
-    apply_offline_env(monkeypatch)
-    for var in ("HFX_DISABLE_PLUGINS", "HFX_DISABLE_PLUGIN_AUTOLOAD", "HFX_PLUGINS_TOML"):
-        monkeypatch.delenv(var, raising=False)
-    hfx.registry.reset()
-    yield hfx.get_registry()
-    hfx.registry.reset()
-
-
 @pytest.mark.floor
-def test_registered_and_resolved_through_the_facade(registry):
-    contribution = registry.get("optimizer", "fira")
-    assert contribution.available and contribution.plugin == "optim"
-    assert contribution.paper == ("Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?",
-                                  "2410.01623")
-    assert hfx.Fira is Fira
+def test_registered_and_resolved_through_the_facade(registered):
+    registered("fira", Fira, ("Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?",
+                              "2410.01623"), factory=FiraFactory)
     cls, kwargs = hfx.optimizer("fira", rank=4)
     assert cls is FiraFactory and kwargs == {"rank": 4}
-    assert "fira" in registry.option_values("optim")
-    import hfx_optim
-
-    assert hfx_optim.Fira is Fira and hfx_optim.FiraFactory is FiraFactory
 
 
 @pytest.mark.floor
-def test_sft_trainer_with_hfx_optimizer_fira(registry, tmp_path):
-    from trl import SFTConfig, SFTTrainer
-
-    args = fast_training_args(hfx.extend(SFTConfig), tmp_path, max_length=32, learning_rate=1e-2, weight_decay=0.01,
-                              hfx_optimizer="fira", hfx_optimizer_args={"rank": 4, "residual": "paper"})
-    trainer = hfx.extend(SFTTrainer)(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                                     train_dataset=make_tiny_datasets()["language_modeling"])
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+def test_sft_trainer_with_hfx_optimizer_fira(registry, sft_trainer, train_all, tmp_path):
+    trainer = sft_trainer(tmp_path, learning_rate=1e-2, weight_decay=0.01, hfx_optimizer="fira",
+                          hfx_optimizer_args={"rank": 4, "residual": "paper"})
+    opt = train_all(trainer)
     assert type(opt) is Fira and trainer.state.global_step == 2
-    assert set(params_changed(before, trainer.model)) == set(before)
     targets = [g for g in opt.param_groups if g[TARGET_FLAG]]
     assert targets and all(g["rank"] == 4 and g["residual"] == "paper" and g["weight_decay"] == 0.01 for g in targets)
     q = opt.state[dict(trainer.model.named_parameters())["model.layers.0.mlp.down_proj.weight"]]  # 32×64: left

@@ -2,7 +2,7 @@
 state-free rule, across subspace refreshes; the exact partition of the gradient; the conformance kit (bit-identical
 resume across a refresh); Trainer/TRL integration; input errors.
 
-The reference shares no code with hfx_optim: numpy math written from the spec's formulas, its own SVD and sign
+The reference (here and in spec_reference.py) shares no code with hfx_optim: numpy math written from the spec's formulas, its own SVD and sign
 convention, its own block schedule, and its own derivation of the random choices from the documented seed contract
 (a CPU torch.Generator seeded with chained SplitMix64 values; ``randperm`` for coordinates and random blocks,
 float64 normals then QR for random projections). torch is used only as that random-number generator.
@@ -13,40 +13,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from spec_reference import canon, grad_t, refresh_seed, splitmix64, torch_sketch, w0
 from torch import nn
 
 import hfx
 from hfx._compat import trainer_has_factory_protocol
-from hfx.testing import (
-    OptimizerConformance,
-    apply_offline_env,
-    fast_training_args,
-    make_tiny_datasets,
-    params_changed,
-    shared_tiny_model_dir,
-    snapshot_params,
-    tiny_model,
-)
+from hfx.testing import OptimizerConformance, tiny_model, unwrap_optimizer
 from hfx_optim.frugal import FRUGAL, FRUGALFactory, Subspace, split_gradient
 from hfx_optim.targets import TARGET_FLAG
 
 # --------------------------------------------------------------------------------------------------
 # Independent reference (numpy, float64)
 # --------------------------------------------------------------------------------------------------
-
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64(state: int) -> int:
-    z = (state + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def param_draw_seed(seed: int, param_index: int, refresh: int) -> int:
-    """Documented contract: state seed = splitmix64(seed + i) >> 1; the k-th draw uses splitmix64(state + k) >> 1."""
-    return splitmix64((splitmix64(seed + param_index) >> 1) + refresh) >> 1
 
 
 def block_draw_seed(seed: int, group_index: int, refresh: int) -> int:
@@ -56,31 +34,6 @@ def block_draw_seed(seed: int, group_index: int, refresh: int) -> int:
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def grid(m, n):
-    return np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
-
-
-def w0(m: int, n: int) -> np.ndarray:
-    """Spec §11: W0[i, j] = 0.5 cos(0.9 i - 0.4 j + 0.3); a bias uses j = 0."""
-    i, j = grid(m, n)
-    return 0.5 * np.cos(0.9 * i - 0.4 * j + 0.3)
-
-
-def grad_t(m: int, n: int, t: int, amp: float = 1.0) -> np.ndarray:
-    """Spec §11: G_t[i, j] = amp (sin(0.7 (i+1)(j+1) + 1.1 t) + 0.3 cos(1.3 i - 0.6 j t))."""
-    i, j = grid(m, n)
-    return amp * (np.sin(0.7 * (i + 1) * (j + 1) + 1.1 * t) + 0.3 * np.cos(1.3 * i - 0.6 * j * t))
-
-
-def canon(basis: np.ndarray) -> np.ndarray:
-    """Spec §3.1's convention: each column's largest-magnitude entry positive."""
-    basis = basis.copy()
-    for k in range(basis.shape[1]):
-        if basis[np.argmax(np.abs(basis[:, k])), k] < 0:
-            basis[:, k] *= -1
-    return basis
 
 
 def choose(kind: str, g: np.ndarray, rho: float, proj_side: str, seed: int) -> dict:
@@ -95,8 +48,7 @@ def choose(kind: str, g: np.ndarray, rho: float, proj_side: str, seed: int) -> d
             basis = u[:, :r] if left else vt[:r].T
             basis = canon(basis)  # the sign convention matters only when moments survive a refresh
         else:
-            gauss = torch.randn(side, r, generator=generator(seed), dtype=torch.float64).numpy()
-            basis = np.linalg.qr(gauss)[0]
+            basis = np.linalg.qr(torch_sketch(side, r, seed))[0]
         return {"left": basis} if left else {"right": basis.T}
     total, k = {"columns": (n, int(rho * n)), "rows": (m, int(rho * m)), "randk": (m * n, int(rho * m * n))}[kind]
     chosen = torch.randperm(total, generator=generator(seed))[:k].numpy()
@@ -171,7 +123,7 @@ def reference_frugal(steps: int = STEPS, shapes=SHAPES, **options):
         for i, (m, n) in enumerate(shapes):
             g, st = grad_t(m, n, step), states[i]
             if kind != "block" and due:
-                st["sub"] = choose(kind, g, rho, o["proj_side"], param_draw_seed(o["seed"], i, refresh))
+                st["sub"] = choose(kind, g, rho, o["proj_side"], refresh_seed(o["seed"], i, refresh))
                 if o["reset_statistics"] or "m" not in st:
                     low_shape = down(g, st["sub"]).shape
                     st.update(t=0, m=np.zeros(low_shape), v=np.zeros(low_shape))
@@ -491,36 +443,12 @@ class TestConformanceRandK(_FRUGALConformance):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(monkeypatch, tmp_path):
-    import hfx.registry
-
-    apply_offline_env(monkeypatch)
-    monkeypatch.chdir(tmp_path)  # no plugins.toml but the one a test writes
-    for var in ("HFX_DISABLE_PLUGINS", "HFX_DISABLE_PLUGIN_AUTOLOAD", "HFX_PLUGINS_TOML"):
-        monkeypatch.delenv(var, raising=False)
-    hfx.registry.reset()
-    yield hfx.get_registry()
-    hfx.registry.reset()
-
-
-def unwrap(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-
-
 @pytest.mark.floor
-def test_registered_and_resolved_through_the_facade(registry):
-    contribution = registry.get("optimizer", "frugal")
-    assert contribution.available and contribution.plugin == "optim"
-    assert contribution.paper == ("FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable "
-                                  "Training", "2411.07837")
-    assert hfx.FRUGAL is FRUGAL
+def test_registered_and_resolved_through_the_facade(registered):
+    registered("frugal", FRUGAL, ("FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable "
+                                  "Training", "2411.07837"), factory=FRUGALFactory)
     cls, kwargs = hfx.optimizer("frugal", density=0.25, subspace="svd")
     assert cls is FRUGALFactory and kwargs == {"density": 0.25, "subspace": "svd"}
-    assert "frugal" in registry.option_values("optim")  # plugins.toml [optim.frugal] defaults are accepted
-    import hfx_optim
-
-    assert hfx_optim.FRUGAL is FRUGAL and hfx_optim.FRUGALFactory is FRUGALFactory
 
 
 def test_factory_groups_and_forwarded_hyperparameters():
@@ -537,24 +465,12 @@ def test_factory_groups_and_forwarded_hyperparameters():
     assert by_name["model.norm.weight"]["weight_decay"] == 0.0  # HF's no-decay group kept
 
 
-def sft_trainer(tmp_path, **config):
-    from trl import SFTConfig, SFTTrainer
-
-    args = fast_training_args(hfx.extend(SFTConfig), tmp_path, max_length=32, **config)
-    return hfx.extend(SFTTrainer)(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                                  train_dataset=make_tiny_datasets()["language_modeling"])
-
-
 @pytest.mark.floor
-def test_sft_trainer_with_hfx_optimizer_frugal(registry, tmp_path):
+def test_sft_trainer_with_hfx_optimizer_frugal(registry, sft_trainer, train_all, tmp_path):
     trainer = sft_trainer(tmp_path, hfx_optimizer="frugal", learning_rate=1e-2, weight_decay=0.01, adam_beta1=0.8,
                           hfx_optimizer_args={"density": 0.25, "subspace": "svd", "update_gap": 1})
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    opt = unwrap(trainer.optimizer)
+    opt = train_all(trainer)
     assert type(opt) is FRUGAL and trainer.state.global_step == 2
-    changed = params_changed(before, trainer.model)
-    assert set(changed) == set(before), f"unchanged: {sorted(set(before) - set(changed))}"
     targets = [g for g in opt.param_groups if g[TARGET_FLAG]]
     assert targets and all(g["density"] == 0.25 and g["weight_decay"] == 0.01 for g in targets)
     assert all(g["betas"] == (0.8, 0.999) for g in opt.param_groups)  # forwarded from TrainingArguments
@@ -567,37 +483,29 @@ def test_sft_trainer_with_hfx_optimizer_frugal(registry, tmp_path):
 
 
 @pytest.mark.floor
-def test_sft_trainer_with_default_block_frugal(registry, tmp_path):
+def test_sft_trainer_with_default_block_frugal(registry, sft_trainer, train_all, tmp_path):
     trainer = sft_trainer(tmp_path, hfx_optimizer="frugal", learning_rate=1e-2)
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    opt = unwrap(trainer.optimizer)
+    opt = train_all(trainer)
     assert type(opt) is FRUGAL and trainer.state.global_step == 2
-    assert set(params_changed(before, trainer.model)) == set(before)
     (group,) = [g for g in opt.param_groups if g[TARGET_FLAG]]
     count = len(group["params"])  # 2 layers x 7 Linear weights; round(0.25 * 14) = 4 active, the last ones
     assert group["block_active"] == list(range(count - 4, count)) and group["block_steps"] == 2
 
 
-def trainer_run(output_dir, resume_from=None):
-    from trl import SFTConfig
-
-    args = fast_training_args(hfx.extend(SFTConfig), output_dir, max_steps=4, learning_rate=1e-2, max_length=32,
-                              save_strategy="steps", save_steps=2, lr_scheduler_type="constant", hfx_optimizer="frugal",
-                              hfx_optimizer_args={"subspace": "randk", "density": 0.25, "update_gap": 2})
-    from trl import SFTTrainer
-
-    trainer = hfx.extend(SFTTrainer)(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                                     train_dataset=make_tiny_datasets()["language_modeling"])
+def trainer_run(sft_trainer, output_dir, resume_from=None):
+    trainer = sft_trainer(output_dir, max_steps=4, learning_rate=1e-2, save_strategy="steps", save_steps=2,
+                          lr_scheduler_type="constant", hfx_optimizer="frugal",
+                          hfx_optimizer_args={"subspace": "randk", "density": 0.25, "update_gap": 2})
     trainer.train(resume_from_checkpoint=resume_from)
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, unwrap(trainer.optimizer)
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, unwrap_optimizer(trainer.optimizer)
 
 
 @pytest.mark.floor
-def test_trainer_resume_across_a_refresh_is_bit_identical(registry, tmp_path):
+def test_trainer_resume_across_a_refresh_is_bit_identical(registry, sft_trainer, tmp_path):
     # checkpoint after step 2; the resumed run draws new coordinates before step 3 from the seeds in optimizer.pt
-    straight, _ = trainer_run(tmp_path / "straight")
-    resumed, opt = trainer_run(tmp_path / "resumed", resume_from=str(tmp_path / "straight" / "checkpoint-2"))
+    straight, _ = trainer_run(sft_trainer, tmp_path / "straight")
+    resumed, opt = trainer_run(sft_trainer, tmp_path / "resumed",
+                               resume_from=str(tmp_path / "straight" / "checkpoint-2"))
     states = [st for st in opt.state.values() if "coord_index" in st]
     assert states and all(st["refreshes"] == 2 and st["coord_index"].dtype == torch.int64 for st in states)
     for name in straight:
@@ -606,17 +514,11 @@ def test_trainer_resume_across_a_refresh_is_bit_identical(registry, tmp_path):
 
 @pytest.mark.skipif(not trainer_has_factory_protocol(),
                     reason="a plain transformers < 5 Trainer has no factory protocol; hfx.extend(Trainer) has")
-def test_sft_trainer_with_optimizer_cls_and_kwargs(registry, tmp_path):
-    from trl import SFTConfig, SFTTrainer
-
-    args = fast_training_args(SFTConfig, tmp_path, max_length=32)
-    trainer = SFTTrainer(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                         train_dataset=make_tiny_datasets()["language_modeling"],
-                         optimizer_cls_and_kwargs=hfx.optimizer("frugal", density=0.25, subspace="random", lr=1e-2))
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    assert type(unwrap(trainer.optimizer)) is FRUGAL and trainer.state.global_step == 2
-    assert set(params_changed(before, trainer.model)) == set(before)
+def test_sft_trainer_with_optimizer_cls_and_kwargs(registry, sft_trainer, train_all, tmp_path):
+    factory = hfx.optimizer("frugal", density=0.25, subspace="random", lr=1e-2)
+    trainer = sft_trainer(tmp_path, extend_config=False, extend_trainer=False,
+                          trainer_kwargs={"optimizer_cls_and_kwargs": factory})
+    assert type(train_all(trainer)) is FRUGAL and trainer.state.global_step == 2
 
 
 # --------------------------------------------------------------------------------------------------

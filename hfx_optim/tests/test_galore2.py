@@ -2,7 +2,7 @@
 option, including subspace refreshes; the AdamW groups against torch.optim.AdamW; the conformance kit; Trainer/TRL
 integration and resume across a refresh; DTensor refusal; input errors.
 
-The reference below shares no code with hfx_optim: it is numpy, written from the spec's formulas, with its own
+The reference below (and spec_reference.py) shares no code with hfx_optim: it is numpy, written from the spec's formulas, with its own
 SVD, randomized SVD (Halko et al.), sign convention and seed derivation (the documented contract: a CPU
 torch.Generator seeded with chained SplitMix64 values, drawing float64 normals).
 """
@@ -12,105 +12,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from spec_reference import down, grad_t, rel, run_projected, subspace_schedule, up, w0
 from torch import nn
 
 import hfx
-from hfx.testing import (
-    OptimizerConformance,
-    apply_offline_env,
-    fast_training_args,
-    make_tiny_datasets,
-    params_changed,
-    shared_tiny_model_dir,
-    snapshot_params,
-    tiny_model,
-)
+from hfx.testing import OptimizerConformance, tiny_model
 from hfx_optim.galore2 import GaLore2, GaLore2Factory
 from hfx_optim.targets import TARGET_FLAG, param_groups
 
 # --------------------------------------------------------------------------------------------------
 # Independent reference (numpy, float64)
 # --------------------------------------------------------------------------------------------------
-
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64(state: int) -> int:
-    z = (state + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def refresh_seed(group_seed: int, param_index: int, refresh: int) -> int:
-    """Documented contract: state seed = splitmix64(seed + index) >> 1; refresh k uses splitmix64(state + k) >> 1."""
-    return splitmix64((splitmix64(group_seed + param_index) >> 1) + refresh) >> 1
-
-
-def torch_sketch(rows: int, cols: int, seed: int) -> np.ndarray:
-    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
-
-
-def grid(m, n):
-    return np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
-
-
-def w0(m: int, n: int) -> np.ndarray:
-    """Spec §11: W0[i, j] = 0.5 cos(0.9 i - 0.4 j + 0.3); a bias uses j = 0."""
-    i, j = grid(m, n)
-    return 0.5 * np.cos(0.9 * i - 0.4 * j + 0.3)
-
-
-def grad_t(m: int, n: int, t: int, amp: float = 1.0) -> np.ndarray:
-    """Spec §11: G_t[i, j] = amp (sin(0.7 (i+1)(j+1) + 1.1 t) + 0.3 cos(1.3 i - 0.6 j t))."""
-    i, j = grid(m, n)
-    return amp * (np.sin(0.7 * (i + 1) * (j + 1) + 1.1 * t) + 0.3 * np.cos(1.3 * i - 0.6 * j * t))
-
-
-def sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
-    """(left, right) per spec §3.1: std projects the shorter side (right when m >= n), reverse_std the longer."""
-    return {"std": (m < n, m >= n), "reverse_std": (m >= n, m < n), "left": (True, False),
-            "right": (False, True), "full": (True, True)}[proj_type]
-
-
-def canon(basis: np.ndarray) -> np.ndarray:
-    basis = basis.copy()
-    for k in range(basis.shape[1]):
-        if basis[np.argmax(np.abs(basis[:, k])), k] < 0:
-            basis[:, k] *= -1
-    return basis
-
-
-def halko(a: np.ndarray, rank: int, omega: np.ndarray, power_iters: int):
-    q, _ = np.linalg.qr(a @ omega)
-    for _ in range(power_iters):
-        q, _ = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])
-    ub, _, vt = np.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ ub)[:, :rank], vt[:rank]
-
-
-def bases(g: np.ndarray, rank: int, proj_type: str, svd: str, oversample: int, power_iters: int, seed: int):
-    m, n = g.shape
-    left, right = sides(proj_type, m, n)
-    k = min(rank + oversample, m, n)
-    if svd == "exact":
-        u, _, vt = np.linalg.svd(g, full_matrices=False)
-    elif left:  # one sketch of G gives both bases for "full"
-        u, vt = halko(g, rank, torch_sketch(n, k, seed), power_iters)
-    else:  # right only: the left singular basis of G^T
-        v, _ = halko(g.T, rank, torch_sketch(m, k, seed), power_iters)
-        u, vt = None, v.T
-    return (canon(u[:, :rank]) if left else None), (canon(vt[:rank].T).T if right else None)
-
-
-def down(g, lb, rb):
-    out = g if lb is None else lb.T @ g
-    return out if rb is None else out @ rb.T
-
-
-def up(x, lb, rb):
-    out = x if lb is None else lb @ x
-    return out if rb is None else out @ rb
 
 
 def adam_moments(m_, v_, r, b1, b2):
@@ -143,17 +55,12 @@ def reference_galore(shape, steps: int, **options):
     w, b = w0(m, n), w0(m, 1)[:, 0]
     mw = vw = None
     mb, vb = np.zeros(m), np.zeros(m)
-    lb = rb = None
-    tw = refreshes = 0
-    for t in range(1, steps + 1):
-        g = grad_t(m, n, t)
-        if (t - 1) % o["update_proj_gap"] == 0:
-            lb, rb = bases(g, o["rank"], o["proj_type"], o["svd"], o["oversample"], o["power_iters"],
-                           refresh_seed(o["seed"], 0, refreshes))
-            refreshes += 1
-            if mw is None or o["moments_on_refresh"] == "reset":
-                mw = vw = np.zeros_like(down(g, lb, rb))
-                tw = 0
+    tw = 0
+    grads = (grad_t(m, n, t) for t in range(1, steps + 1))
+    for t, (g, lb, rb, fresh) in enumerate(subspace_schedule(o, grads), 1):
+        if fresh:
+            mw = vw = np.zeros_like(down(g, lb, rb))
+            tw = 0
         tw += 1
         mw, vw = adam_moments(mw, vw, down(g, lb, rb), b1, b2)
         step = o["scale"] * adam_update(mw, vw, tw, lambda x, lb=lb, rb=rb: up(x, lb, rb), **kw)
@@ -165,23 +72,7 @@ def reference_galore(shape, steps: int, **options):
 
 
 def run_galore(shape, steps: int, dtype=torch.float64, cls=GaLore2, **options):
-    o = {**DEFAULTS, **options}
-    m, n = shape
-    w = nn.Parameter(torch.tensor(w0(m, n), dtype=dtype))
-    b = nn.Parameter(torch.tensor(w0(m, 1)[:, 0], dtype=dtype))
-    rank = o.pop("rank")
-    # rank in the group (official GaLore style: makes it projected); the rest through the constructor's defaults
-    opt = cls([{"params": [("layer.weight", w)], "rank": rank}, {"params": [("layer.bias", b)], "weight_decay": 0.0}],
-              **o)
-    for t in range(1, steps + 1):
-        w.grad = torch.tensor(grad_t(m, n, t), dtype=dtype)
-        b.grad = torch.tensor(grad_t(m, 1, t)[:, 0], dtype=dtype)
-        opt.step()
-    return w.detach(), b.detach(), opt
-
-
-def rel(x: torch.Tensor, ref: np.ndarray) -> float:
-    return float(np.abs(x.double().numpy() - ref).max() / np.abs(ref).max())
+    return run_projected(cls, shape, steps, {**DEFAULTS, **options}, dtype)
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -321,35 +212,12 @@ class TestConformanceReverseStd(_GaLore2Conformance):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    import hfx.registry
-
-    apply_offline_env(monkeypatch)
-    for var in ("HFX_DISABLE_PLUGINS", "HFX_DISABLE_PLUGIN_AUTOLOAD", "HFX_PLUGINS_TOML"):
-        monkeypatch.delenv(var, raising=False)
-    hfx.registry.reset()
-    yield hfx.get_registry()
-    hfx.registry.reset()
-
-
-def unwrap(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-
-
 @pytest.mark.floor
-def test_registered_and_resolved_through_the_facade(registry):
-    contribution = registry.get("optimizer", "galore2")
-    assert contribution.available and contribution.plugin == "optim"
-    assert contribution.paper == ("GaLore 2: Large-Scale LLM Pre-Training by Gradient Low-Rank Projection",
-                                  "2504.20437")
-    assert hfx.GaLore2 is GaLore2
+def test_registered_and_resolved_through_the_facade(registered):
+    registered("galore2", GaLore2, ("GaLore 2: Large-Scale LLM Pre-Training by Gradient Low-Rank Projection",
+                                    "2504.20437"), factory=GaLore2Factory)
     cls, kwargs = hfx.optimizer("galore2", rank=4, target_modules="all-linear")
     assert cls is GaLore2Factory and kwargs == {"rank": 4, "target_modules": "all-linear"}
-    assert "galore2" in registry.option_values("optim")  # plugins.toml [optim.galore2] defaults are accepted
-    import hfx_optim
-
-    assert hfx_optim.GaLore2 is GaLore2 and hfx_optim.GaLore2Factory is GaLore2Factory
 
 
 def test_factory_groups_and_forwarded_hyperparameters():
@@ -378,24 +246,12 @@ def test_trainer_arguments_are_forwarded_to_the_factory(tmp_path):
         "lr": 0.03, "betas": (0.8, 0.95), "eps": 1e-7, "weight_decay": 0.02}
 
 
-def sft_trainer(tmp_path, **config):
-    from trl import SFTConfig, SFTTrainer
-
-    args = fast_training_args(hfx.extend(SFTConfig), tmp_path, max_length=32, **config)
-    return hfx.extend(SFTTrainer)(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                                  train_dataset=make_tiny_datasets()["language_modeling"])
-
-
 @pytest.mark.floor
-def test_sft_trainer_with_hfx_optimizer_galore2(registry, tmp_path):
+def test_sft_trainer_with_hfx_optimizer_galore2(registry, sft_trainer, train_all, tmp_path):
     trainer = sft_trainer(tmp_path, hfx_optimizer="galore2", learning_rate=1e-2, weight_decay=0.01, adam_beta1=0.8,
                           adam_epsilon=1e-7, hfx_optimizer_args={"rank": 4, "update_proj_gap": 1})
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    opt = unwrap(trainer.optimizer)
+    opt = train_all(trainer)
     assert type(opt) is GaLore2 and trainer.state.global_step == 2
-    changed = params_changed(before, trainer.model)
-    assert set(changed) == set(before), f"unchanged: {sorted(set(before) - set(changed))}"
     targets = [g for g in opt.param_groups if g[TARGET_FLAG]]
     assert targets and all(g["rank"] == 4 and g["weight_decay"] == 0.01 for g in targets)
     assert all(g["betas"] == (0.8, 0.999) and g["eps"] == 1e-7 for g in opt.param_groups)  # forwarded, not dropped
@@ -408,17 +264,10 @@ def test_sft_trainer_with_hfx_optimizer_galore2(registry, tmp_path):
 
 
 @pytest.mark.floor
-def test_sft_trainer_with_optimizer_cls_and_kwargs(registry, tmp_path):
-    from trl import SFTConfig, SFTTrainer
-
-    args = fast_training_args(SFTConfig, tmp_path, max_length=32)
-    trainer = hfx.extend(SFTTrainer)(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                                     train_dataset=make_tiny_datasets()["language_modeling"],
-                                     optimizer_cls_and_kwargs=hfx.optimizer("galore2", rank=4, lr=1e-2))
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    assert type(unwrap(trainer.optimizer)) is GaLore2 and trainer.state.global_step == 2
-    assert set(params_changed(before, trainer.model)) == set(before)
+def test_sft_trainer_with_optimizer_cls_and_kwargs(registry, sft_trainer, train_all, tmp_path):
+    trainer = sft_trainer(tmp_path, extend_config=False,
+                          trainer_kwargs={"optimizer_cls_and_kwargs": hfx.optimizer("galore2", rank=4, lr=1e-2)})
+    assert type(train_all(trainer)) is GaLore2 and trainer.state.global_step == 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,16 +14,7 @@ import torch
 from torch import nn
 
 import hfx
-from hfx.testing import (
-    OptimizerConformance,
-    apply_offline_env,
-    check_weights_only_roundtrip,
-    fast_training_args,
-    make_tiny_datasets,
-    params_changed,
-    shared_tiny_model_dir,
-    snapshot_params,
-)
+from hfx.testing import OptimizerConformance, check_weights_only_roundtrip, unwrap_optimizer
 from hfx_optim.mars import MARS
 
 # --------------------------------------------------------------------------------------------------
@@ -514,35 +505,12 @@ class TestConformanceAllMARSWithDecay(_MARSConformance):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(monkeypatch, tmp_path):
-    import hfx.registry
-
-    apply_offline_env(monkeypatch)
-    monkeypatch.chdir(tmp_path)  # no plugins.toml but the one a test writes
-    for var in ("HFX_DISABLE_PLUGINS", "HFX_DISABLE_PLUGIN_AUTOLOAD", "HFX_PLUGINS_TOML"):
-        monkeypatch.delenv(var, raising=False)
-    hfx.registry.reset()
-    yield hfx.get_registry()
-    hfx.registry.reset()
-
-
-def unwrap(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-
-
 @pytest.mark.floor
-def test_registered_and_resolved_through_the_facade(registry):
-    contribution = registry.get("optimizer", "mars")
-    assert contribution.available and contribution.plugin == "optim"
-    assert contribution.paper == ("MARS: Unleashing the Power of Variance Reduction for Training Large Models",
-                                  "2411.10438")
-    assert hfx.MARS is MARS
+def test_registered_and_resolved_through_the_facade(registered):
+    registered("mars", MARS, ("MARS: Unleashing the Power of Variance Reduction for Training Large Models",
+                              "2411.10438"))
     cls, kwargs = hfx.optimizer("mars", lr=1e-3, gamma=0.05)
     assert cls is MARS and kwargs == {"lr": 1e-3, "gamma": 0.05}
-    import hfx_optim
-
-    assert hfx_optim.MARS is MARS
 
 
 def test_plugins_toml_gives_mars_defaults(registry, tmp_path):
@@ -555,25 +523,13 @@ def test_plugins_toml_gives_mars_defaults(registry, tmp_path):
     assert cls(one_param(), **kwargs).param_groups[0]["mars_type"] == "lion"
 
 
-def sft_trainer(tmp_path, **config):
-    from trl import SFTConfig, SFTTrainer
-
-    args = fast_training_args(hfx.extend(SFTConfig), tmp_path, max_length=32, **config)
-    return hfx.extend(SFTTrainer)(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                                  train_dataset=make_tiny_datasets()["language_modeling"])
-
-
 @pytest.mark.floor
-def test_sft_trainer_with_hfx_optimizer_mars(registry, tmp_path):
+def test_sft_trainer_with_hfx_optimizer_mars(registry, sft_trainer, train_all, tmp_path):
     trainer = sft_trainer(tmp_path, hfx_optimizer="mars", learning_rate=1e-2, weight_decay=0.01,
                           hfx_optimizer_args='{"gamma": 0.05, "betas": [0.95, 0.99]}')
-    before = snapshot_params(trainer.model)
-    trainer.train()
-    opt = unwrap(trainer.optimizer)
+    opt = train_all(trainer)
     assert type(opt) is MARS
     assert trainer.state.global_step == 2
-    changed = params_changed(before, trainer.model)
-    assert set(changed) == set(before), f"unchanged: {sorted(set(before) - set(changed))}"
     decay, no_decay = opt.param_groups  # Trainer's split, kept
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
     assert decay["gamma"] == 0.05 and decay["betas"] == (0.95, 0.99)
@@ -583,22 +539,18 @@ def test_sft_trainer_with_hfx_optimizer_mars(registry, tmp_path):
 
 
 @pytest.mark.floor
-def test_trainer_checkpoint_resume_and_optimizer_cls_and_kwargs(registry, tmp_path):
-    from trl import SFTConfig, SFTTrainer
-
+def test_trainer_checkpoint_resume_and_optimizer_cls_and_kwargs(registry, sft_trainer, tmp_path):
     def make(max_steps):
-        args = fast_training_args(SFTConfig, tmp_path, max_length=32, max_steps=max_steps, save_strategy="steps",
-                                  save_steps=2)
-        return SFTTrainer(model=str(shared_tiny_model_dir("qwen2")), args=args,
-                          train_dataset=make_tiny_datasets()["language_modeling"],
-                          optimizer_cls_and_kwargs=hfx.optimizer("mars", lr=1e-2, mars_type="lion"))
+        return sft_trainer(tmp_path, extend_config=False, extend_trainer=False, max_steps=max_steps,
+                           save_strategy="steps", save_steps=2,
+                           trainer_kwargs={"optimizer_cls_and_kwargs": hfx.optimizer("mars", lr=1e-2, mars_type="lion")})
 
     first = make(2)
     first.train()
-    assert type(unwrap(first.optimizer)) is MARS
+    assert type(unwrap_optimizer(first.optimizer)) is MARS
     resumed = make(3)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # torch.load(weights_only=True) inside
-    opt = unwrap(resumed.optimizer)
+    opt = unwrap_optimizer(resumed.optimizer)
     weight = resumed.model.get_input_embeddings().weight
     assert opt.param_groups[0]["mars_type"] == "lion"
     assert opt.state[weight]["step"] == 3  # 2 restored + 1

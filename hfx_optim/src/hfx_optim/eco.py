@@ -37,6 +37,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._common import (
+    Steps,
+    check_bool,
+    finish_added_group,
+    is_dtensor,
+    param_name,
+    params_with_grad,
+    per_param,
+    run_closure,
+    sparse_grad_error,
+    with_offsets,
+)
 from .quantize import (
     SCALE_MODES,
     Quantized,
@@ -67,20 +79,10 @@ VARIANTS = ("adam", "sgdm")
 ERROR_FEEDBACK_MODES = ("memory_free", "exact", "none")
 QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_Steps = int | Sequence[int]
-
 
 # --------------------------------------------------------------------------------------------------
 # Pure update functions (lists of tensors in, tensors updated in place)
 # --------------------------------------------------------------------------------------------------
-
-
-def _per_param(step: _Steps, n: int) -> Sequence[int]:
-    if isinstance(step, int):
-        return [step] * n
-    if len(step) != n:
-        raise ValueError(f"step has {len(step)} entries for {n} parameters")
-    return step
 
 
 def _optional(values: Sequence[Tensor | None] | None, n: int, what: str) -> Sequence[Tensor | None]:
@@ -110,7 +112,7 @@ def eco_adam_step(
     exp_avg_sqs: Sequence[Tensor],
     scales: Sequence[Tensor],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -136,7 +138,7 @@ def eco_adam_step(
     n = len(params)
     decay = 1.0 - lr * weight_decay
     for p, g, m, v, s, u, t in zip(params, grads, exp_avgs, exp_avg_sqs, scales, _optional(noises, n, "noises"),
-                                   _per_param(step, n), strict=True):
+                                   per_param(step, n), strict=True):
         g = g.to(m.dtype)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)  # m~
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -198,7 +200,7 @@ def adamw_step(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -207,7 +209,7 @@ def adamw_step(
     """AdamW (``torch.optim.AdamW``'s form: decay first, eps outside the bias correction) for the parameters ECO-Adam
     does not quantize; moments in the compute dtype, the result rounded to the parameter's dtype."""
     beta1, beta2 = betas
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, _per_param(step, len(params)), strict=True):
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True):
         g = g.to(m.dtype)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -295,19 +297,9 @@ def _normalize_variant(value: Any) -> str:
     return name
 
 
-def _param_name(group: dict[str, Any], index: int, p: Tensor) -> str:
-    names = group.get("param_names")
-    if names and index < len(names):
-        return repr(names[index])
-    return f"#{index} of its param group"
-
-
-def _is_dtensor(p: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(p, DTensor)
+def _param_name(group: dict[str, Any], index: int) -> str:
+    name = param_name(group, index)
+    return f"#{index} of its param group" if name is None else repr(name)
 
 
 def _scale_shape(shape: torch.Size, scale_mode: str, block_size: int) -> tuple[int, int]:
@@ -449,9 +441,7 @@ class ECO(torch.optim.Optimizer):
         block_size = group["block_size"]
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive int (e.g. 128), got {block_size!r}")
-        for flag in ("stochastic_rounding",):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag} must be True or False, got {group[flag]!r}")
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
         seed = group["seed"]
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
@@ -476,11 +466,7 @@ class ECO(torch.optim.Optimizer):
         if "weight_format" in param_group and "bits" not in param_group:
             param_group["bits"] = None
         super().add_param_group(param_group)
-        try:
-            self._finish_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # leave the optimizer as it was
-            raise
+        finish_added_group(self.param_groups, self._finish_group)
 
     def _finish_group(self, group: dict[str, Any]) -> None:
         self._validate_group(group)
@@ -498,7 +484,7 @@ class ECO(torch.optim.Optimizer):
 
     @staticmethod
     def _check_quantizable(group: dict[str, Any], index: int, p: Tensor) -> None:
-        name = _param_name(group, index, p)
+        name = _param_name(group, index)
         what = f"ECO cannot quantize parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype})"
         exclude = (
             "leave it out of the quantized parameters: hfx.optimizer('eco', target_modules=...) quantizes only the "
@@ -512,7 +498,7 @@ class ECO(torch.optim.Optimizer):
                 f"parameter. Fix: load the model in bfloat16 or float32 (e.g. from_pretrained(..., "
                 f"dtype=torch.bfloat16)), or {exclude}."
             )
-        if _is_dtensor(p):
+        if is_dtensor(p):
             raise ValueError(
                 f"{what}: DTensor (FSDP2-sharded) parameters are not supported yet. Fix: train with DDP or a single "
                 f"device, or {exclude}."
@@ -535,35 +521,23 @@ class ECO(torch.optim.Optimizer):
 
     def _check_step(self) -> None:
         """Refuse what cannot be stepped before any state changes (an error leaves the optimizer as it was)."""
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"ECO does not support sparse gradients (parameter {_param_name(group, i, p)}, shape "
-                        f"{tuple(p.shape)}); use dense "
-                        "gradients, e.g. nn.Embedding(..., sparse=False)"
-                    )
-                if self._is_quantized(group, p):
-                    try:
-                        self._check_quantizable(group, i, p)  # FSDP2 swaps in DTensors after construction
-                    except ValueError as err:
-                        raise RuntimeError(str(err)) from None
+        for group, i, p in params_with_grad(self.param_groups):
+            if p.grad.is_sparse:
+                raise sparse_grad_error("ECO", f"parameter {_param_name(group, i)}, shape {tuple(p.shape)}")
+            if self._is_quantized(group, p):
+                try:
+                    self._check_quantizable(group, i, p)  # FSDP2 swaps in DTensors after construction
+                except ValueError as err:
+                    raise RuntimeError(str(err)) from None
 
     # -- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One optimizer step. Returns the closure's loss when a ``closure`` is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._check_step()
-        index = 0
-        for group in self.param_groups:
+        for group, index in with_offsets(self.param_groups):
             self._step_group(group, index)
-            index += len(group["params"])
         return loss
 
     def _step_group(self, group: dict[str, Any], first_index: int) -> None:
@@ -642,8 +616,7 @@ class ECO(torch.optim.Optimizer):
         """The quantized parameters that have stepped, as :class:`~hfx_optim.quantize.Quantized` codes + scales,
         keyed by parameter name (or ``"param<i>"``). Exact: ``dequantize(q, p.dtype)`` equals the parameter."""
         out: dict[str, Quantized] = {}
-        index = 0
-        for group in self.param_groups:
+        for group, index in with_offsets(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 state = self.state.get(p, {})
@@ -651,7 +624,6 @@ class ECO(torch.optim.Optimizer):
                     key = names[i] if names else f"param{index + i}"
                     out[key] = quantize(p.detach(), group["weight_format"], scale_mode=group["scale_mode"],
                                         block_size=group["block_size"], scale=state["scale"])
-            index += len(group["params"])
         return out
 
 
@@ -785,12 +757,10 @@ def eco_memory_report(model: nn.Module, optimizer: ECO) -> ECOMemoryReport:
         raise TypeError(f"eco_memory_report needs an hfx_optim.ECO optimizer, got {type(optimizer).__name__}")
     all_params: dict[int, Tensor] = {id(p): p for p in model.parameters()}
     optimized: dict[int, tuple[dict[str, Any], Tensor, int]] = {}
-    index = 0
-    for group in optimizer.param_groups:
+    for group, index in with_offsets(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             optimized[id(p)] = (group, p, index + i)
             all_params.setdefault(id(p), p)
-        index += len(group["params"])
 
     weight = packed = state_bytes = adamw_extra = adamw_state = quantized = optimized_elems = 0
     projected = False

@@ -29,18 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .galore2 import (
-    PROJECTION_KEYS,
-    GaLore2,
-    _check_choice,
-    _check_number,
-    _per_param,
-    _Steps,
-    adam_direction,
-    apply_update,
-    factory_signature,
-    galore_adamw_step,
-)
+from ._common import Steps, check_choice, check_number, per_param
+from .galore2 import PROJECTION_KEYS, GaLore2, adam_direction, apply_update, factory_signature, galore_adamw_step
 from .projection import PROJ_TYPES, project, project_back
 from .targets import TARGET_FLAG, ModelOptimizerFactory
 
@@ -62,7 +52,7 @@ def fira_adamw_step(
     rights: Sequence[Tensor | None],
     scaling_norms: Sequence[Tensor],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -82,7 +72,7 @@ def fira_adamw_step(
     (``norm_growth_limit`` not None).
     """
     for p, g, m, v, left, right, prev, t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, lefts, rights, scaling_norms, _per_param(step, len(params)), strict=True
+        params, grads, exp_avgs, exp_avg_sqs, lefts, rights, scaling_norms, per_param(step, len(params)), strict=True
     ):
         if (left is None) == (right is None):
             raise ValueError("fira_adamw_step needs exactly one basis (left or right) per parameter")
@@ -190,11 +180,11 @@ class Fira(GaLore2):
                 f"keeps whole; use one of {', '.join(repr(t) for t in FIRA_PROJ_TYPES)}"
             )
         super()._validate_group(group)
-        _check_choice("residual", group["residual"], RESIDUAL_FORMS,
-                      " ('official': G - scale*P R, the official code; 'paper': G - P R)")
+        check_choice("residual", group["residual"], RESIDUAL_FORMS,
+                     " ('official': G - scale*P R, the official code; 'paper': G - P R)")
         limit = group["norm_growth_limit"]
         if limit is not None:
-            group["norm_growth_limit"] = _check_number(
+            group["norm_growth_limit"] = check_number(
                 "norm_growth_limit", limit, "the limiter's gamma, e.g. 1.01, or None to turn it off", minimum=1.0)
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], index: int) -> None:

@@ -48,6 +48,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import (
+    Steps,
+    check_beta_range,
+    check_bool,
+    check_choice,
+    check_int,
+    complex_param_error,
+    describe_param,
+    finish_added_group,
+    is_dtensor,
+    params_with_grad,
+    per_param,
+    run_closure,
+    sparse_grad_error,
+    with_offsets,
+)
 from .galore2 import factory_signature
 from .projection import SVD_METHODS, compute_projectors, projection_sides, sketch_seed, svd_dtype
 from .targets import TARGET_FLAG, ModelOptimizerFactory
@@ -76,8 +92,6 @@ PROJ_SIDES = ("std", "reverse_std", "left", "right")  # "full" (two-sided) has n
 FRUGAL_KEYS = ("density", "update_gap", "subspace", "proj_side", "block_order", "inactive_update_rule",
                "inactive_lr_scale", "proj_params_lr_scale", "reset_statistics", "svd", "oversample", "power_iters",
                "seed")
-
-_Steps = int | Sequence[int]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +199,7 @@ def frugal_step(
     exp_avg_sqs: Sequence[Tensor | None],
     subspaces: Sequence[Subspace | None],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -201,9 +215,7 @@ def frugal_step(
     its ``exp_avgs[i]``/``exp_avg_sqs[i]`` are then None). The moments have the shape of ``down(G)``. ``step`` is the
     bias-correction step t >= 1 (after incrementing), one int or one per parameter (ignored for None subspaces).
     """
-    steps = [step] * len(params) if isinstance(step, int) else step
-    if len(steps) != len(params):
-        raise ValueError(f"step has {len(steps)} entries for {len(params)} parameters")
+    steps = per_param(step, len(params))
     lr_full = lr * proj_params_lr_scale
     lr_free = lr_full * inactive_lr_scale
     for p, g, m, v, sub, t in zip(params, grads, exp_avgs, exp_avg_sqs, subspaces, steps, strict=True):
@@ -264,18 +276,11 @@ def _number(group: dict[str, Any], key: str, hint: str, *, low: float = 0.0, hig
 
 
 def _integer(group: dict[str, Any], key: str, hint: str, *, minimum: int) -> int:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an int >= {minimum}, got {value!r}{_where(group)}; {hint}")
-    return value
+    return check_int(key, group[key], hint, minimum=minimum, where=_where(group))
 
 
 def _choice(group: dict[str, Any], key: str, choices: Sequence[str], hint: str = "") -> str:
-    value = group[key]
-    if value not in choices:
-        raise ValueError(f"unknown {key} {value!r}{_where(group)}: use one of "
-                         f"{', '.join(repr(c) for c in choices)}{hint}")
-    return value
+    return check_choice(key, group[key], choices, hint, where=_where(group))
 
 
 def _betas(group: dict[str, Any]) -> tuple[float, float]:
@@ -285,18 +290,7 @@ def _betas(group: dict[str, Any]) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise ValueError(f"betas must be a pair of floats in [0, 1), got {betas!r}{_where(group)}; pass e.g. "
                          "betas=(0.9, 0.999)") from None
-    for i, beta in enumerate((beta1, beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}{_where(group)}; pass e.g. betas=(0.9, 0.999)")
-    return beta1, beta2
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    return check_beta_range((beta1, beta2), where=_where(group))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,9 +438,7 @@ class FRUGAL(torch.optim.Optimizer):
         group["inactive_lr_scale"] = _number(group, "inactive_lr_scale", "e.g. 1.0 (pre-training) or 0.1 "
                                              "(fine-tuning)")
         group["proj_params_lr_scale"] = _number(group, "proj_params_lr_scale", "e.g. proj_params_lr_scale=1.0")
-        if not isinstance(group["reset_statistics"], bool):
-            raise ValueError(f"reset_statistics must be True or False, got {group['reset_statistics']!r}"
-                             f"{_where(group)}")
+        check_bool("reset_statistics", group["reset_statistics"], _where(group))
         _choice(group, "svd", SVD_METHODS, " (the exact SVD, official; or GaLore 2's randomized SVD)")
         _integer(group, "oversample", "extra sketch columns, e.g. oversample=8", minimum=0)
         _integer(group, "power_iters", "subspace iterations, e.g. power_iters=2", minimum=0)
@@ -457,18 +449,13 @@ class FRUGAL(torch.optim.Optimizer):
             # hand-built groups: one that sets `density` (or the official `is_proj_params=True`) is split
             param_group.setdefault(TARGET_FLAG, bool(param_group.get("is_proj_params")) or "density" in param_group)
         super().add_param_group(param_group)
-        try:
-            self._finish_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # leave the optimizer as it was
-            raise
+        finish_added_group(self.param_groups, self._finish_group)
 
     def _finish_group(self, group: dict[str, Any]) -> None:
         self._validate_group(group)
         for i, p in enumerate(group["params"]):
             if p.is_complex():
-                raise ValueError(f"FRUGAL does not support complex parameters ({self._describe(group, i, p)}); "
-                                 "optimise torch.view_as_real(param) instead")
+                raise complex_param_error("FRUGAL", describe_param(group, i, p))
             if group[TARGET_FLAG] and group["subspace"] != "block":
                 self._check_matrix(group, i, p)
         if group[TARGET_FLAG] and group["subspace"] == "block":
@@ -483,16 +470,10 @@ class FRUGAL(torch.optim.Optimizer):
             group.setdefault("block_refreshes", 0)
             group.setdefault("block_active", [])
 
-    @staticmethod
-    def _describe(group: dict[str, Any], i: int, p: Tensor) -> str:
-        names = group.get("param_names")
-        shape = "×".join(map(str, p.shape)) or "scalar"
-        return f"parameter {names[i]!r} (shape {shape})" if names else f"parameter #{i} of its group (shape {shape})"
-
     def _check_matrix(self, group: dict[str, Any], i: int, p: Tensor) -> None:
         """The per-matrix subspaces need a whole 2-D tensor with at least one state-full coordinate."""
-        what, kind = self._describe(group, i, p), group["subspace"]
-        if _is_dtensor(p):
+        what, kind = describe_param(group, i, p), group["subspace"]
+        if is_dtensor(p):
             raise ValueError(
                 f"FRUGAL: {what} is a DTensor (FSDP2-sharded, placements {tuple(p.placements)}); subspace={kind!r} "
                 "needs whole matrices. Use subspace='block' (elementwise, works on shards), train with DDP, or leave "
@@ -533,32 +514,24 @@ class FRUGAL(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One optimizer step (choosing new subspaces where due). Returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._check_grads()  # before any state changes: an error leaves the optimizer as it was
-        index = 0  # position over all param_groups: seeds per-parameter draws independently of which have grads
-        for group_index, group in enumerate(self.param_groups):
+        # index: position over all param_groups, so per-parameter draws do not depend on which have grads
+        for group_index, (group, index) in enumerate(with_offsets(self.param_groups)):
             if not group[TARGET_FLAG]:
                 self._step_adamw(group)
             elif group["subspace"] == "block":
                 self._step_block(group, group_index)
             else:
                 self._step_matrices(group, index)
-            index += len(group["params"])
         return loss
 
     def _check_grads(self) -> None:
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"FRUGAL does not support sparse gradients ({self._describe(group, i, p)}); "
-                                       "use dense gradients, e.g. nn.Embedding(..., sparse=False)")
-                if group[TARGET_FLAG] and group["subspace"] != "block":
-                    self._check_matrix(group, i, p)  # again: FSDP2/ZeRO may have swapped it since construction
+        for group, i, p in params_with_grad(self.param_groups):
+            if p.grad.is_sparse:
+                raise sparse_grad_error("FRUGAL", describe_param(group, i, p))
+            if group[TARGET_FLAG] and group["subspace"] != "block":
+                self._check_matrix(group, i, p)  # again: FSDP2/ZeRO may have swapped it since construction
 
     @staticmethod
     def _hyper(group: dict[str, Any]) -> dict[str, Any]:

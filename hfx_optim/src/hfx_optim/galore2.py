@@ -29,6 +29,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import (
+    Steps,
+    check_betas,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    complex_param_error,
+    describe_param,
+    finish_added_group,
+    is_dtensor,
+    params_with_grad,
+    per_param,
+    run_closure,
+    sparse_grad_error,
+    with_offsets,
+)
 from .projection import (
     PROJ_TYPES,
     SVD_METHODS,
@@ -60,20 +77,10 @@ DECAY_MODES = ("after", "before")
 PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "oversample", "power_iters", "seed",
                    "moments_on_refresh")
 
-_Steps = int | Sequence[int]
-
 
 # --------------------------------------------------------------------------------------------------
 # Pure update functions (lists of tensors in, tensors updated in place)
 # --------------------------------------------------------------------------------------------------
-
-
-def _per_param(step: _Steps, n: int) -> Sequence[int]:
-    if isinstance(step, int):
-        return [step] * n
-    if len(step) != n:
-        raise ValueError(f"step has {len(step)} entries for {n} parameters")
-    return step
 
 
 def adam_direction(r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: int, *, betas: tuple[float, float], eps: float,
@@ -114,7 +121,7 @@ def galore_adamw_step(
     lefts: Sequence[Tensor | None],
     rights: Sequence[Tensor | None],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -132,61 +139,13 @@ def galore_adamw_step(
     parameter.
     """
     for p, g, m, v, left, right, t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, lefts, rights, _per_param(step, len(params)), strict=True
+        params, grads, exp_avgs, exp_avg_sqs, lefts, rights, per_param(step, len(params)), strict=True
     ):
         projected = left is not None or right is not None
         r = project(g, left, right) if projected else g
         n, c = adam_direction(r, m, v, t, betas=betas, eps=eps, correct_bias=correct_bias, eps_mode=eps_mode)
         update = project_back(n, left, right).mul_(scale) if projected else n
         apply_update(p, update, lr * c, lr=lr, weight_decay=weight_decay, decay_mode=decay_mode)
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation helpers (shared with Fira)
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_number(name: str, value: Any, hint: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}; {hint}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}; {hint}") from None
-    if not (math.isfinite(value) and value >= minimum):  # also rejects NaN
-        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value}; {hint}")
-    return value
-
-
-def _check_int(name: str, value: Any, hint: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}; {hint}")
-    return value
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str], meaning: str = "") -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(repr(c) for c in choices)}{meaning}")
-    return value
-
-
-def _check_betas(betas: Any) -> tuple[float, float]:
-    try:
-        beta1, beta2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"betas must be a pair of floats in [0, 1), e.g. betas=(0.9, 0.999); got {betas!r}") from None
-    for i, beta in enumerate((beta1, beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}; pass e.g. betas=(0.9, 0.999)")
-    return beta1, beta2
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,30 +265,29 @@ class GaLore2(torch.optim.Optimizer):
     # -- groups ---------------------------------------------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check and normalise a parameter group in place; every error says how to fix it."""
-        group["lr"] = _check_number("lr", group["lr"], "pass a learning rate, e.g. lr=1e-3")
-        group["eps"] = _check_number("eps", group["eps"], "pass e.g. eps=1e-6")
-        group["weight_decay"] = _check_number("weight_decay", group["weight_decay"], "pass e.g. weight_decay=0.01")
-        group["betas"] = _check_betas(group["betas"])
-        if not isinstance(group["correct_bias"], bool):
-            raise ValueError(f"correct_bias must be True or False, got {group['correct_bias']!r}")
-        _check_choice("eps_mode", group["eps_mode"], EPS_MODES,
-                      " ('hf': eps added before the bias correction, official; 'torch': as torch.optim.AdamW)")
-        _check_choice("decay_mode", group["decay_mode"], DECAY_MODES,
-                      " ('after': decay the updated weights, official; 'before': as torch.optim.AdamW)")
+        group["lr"] = check_number("lr", group["lr"], "pass a learning rate, e.g. lr=1e-3")
+        group["eps"] = check_number("eps", group["eps"], "pass e.g. eps=1e-6")
+        group["weight_decay"] = check_number("weight_decay", group["weight_decay"], "pass e.g. weight_decay=0.01")
+        group["betas"] = check_betas(group["betas"])
+        check_bool("correct_bias", group["correct_bias"])
+        check_choice("eps_mode", group["eps_mode"], EPS_MODES,
+                     " ('hf': eps added before the bias correction, official; 'torch': as torch.optim.AdamW)")
+        check_choice("decay_mode", group["decay_mode"], DECAY_MODES,
+                     " ('after': decay the updated weights, official; 'before': as torch.optim.AdamW)")
         if not group[TARGET_FLAG]:
             return
-        _check_choice("proj_type", group["proj_type"], self._proj_types())
-        _check_int("rank", group["rank"], "pass e.g. rank=128 (at most min(rows, cols) of every projected matrix)",
-                   minimum=1)
-        _check_int("update_proj_gap", group["update_proj_gap"], "steps between subspace refreshes, e.g. 200",
-                   minimum=1)
-        group["scale"] = _check_number("scale", group["scale"], "GaLore's alpha, e.g. scale=0.25")
-        _check_choice("svd", group["svd"], SVD_METHODS, " (GaLore 2's randomized SVD, or the exact one)")
-        _check_int("oversample", group["oversample"], "extra sketch columns, e.g. oversample=8", minimum=0)
-        _check_int("power_iters", group["power_iters"], "subspace iterations, e.g. power_iters=2", minimum=0)
-        _check_int("seed", group["seed"], "any non-negative int, e.g. seed=0", minimum=0)
-        _check_choice("moments_on_refresh", group["moments_on_refresh"], MOMENT_POLICIES,
-                      " ('keep': official GaLore; 'reset': zero the moments and restart the bias correction)")
+        check_choice("proj_type", group["proj_type"], self._proj_types())
+        check_int("rank", group["rank"], "pass e.g. rank=128 (at most min(rows, cols) of every projected matrix)",
+                  minimum=1)
+        check_int("update_proj_gap", group["update_proj_gap"], "steps between subspace refreshes, e.g. 200",
+                  minimum=1)
+        group["scale"] = check_number("scale", group["scale"], "GaLore's alpha, e.g. scale=0.25")
+        check_choice("svd", group["svd"], SVD_METHODS, " (GaLore 2's randomized SVD, or the exact one)")
+        check_int("oversample", group["oversample"], "extra sketch columns, e.g. oversample=8", minimum=0)
+        check_int("power_iters", group["power_iters"], "subspace iterations, e.g. power_iters=2", minimum=0)
+        check_int("seed", group["seed"], "any non-negative int, e.g. seed=0", minimum=0)
+        check_choice("moments_on_refresh", group["moments_on_refresh"], MOMENT_POLICIES,
+                     " ('keep': official GaLore; 'reset': zero the moments and restart the bias correction)")
 
     def _proj_types(self) -> Sequence[str]:
         return PROJ_TYPES
@@ -339,34 +297,19 @@ class GaLore2(torch.optim.Optimizer):
             # a hand-built group that sets `rank` is projected (official GaLore style); targets.param_groups marks both
             param_group.setdefault(TARGET_FLAG, "rank" in param_group)
         super().add_param_group(param_group)
-        try:
-            self._finish_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # leave the optimizer as it was
-            raise
+        finish_added_group(self.param_groups, self._finish_group)
 
     def _finish_group(self, group: dict[str, Any]) -> None:
         self._validate_group(group)
         for i, p in enumerate(group["params"]):
             if p.is_complex():
-                raise ValueError(f"{self._name} does not support complex parameters ({self._describe(group, i, p)}); "
-                                 "optimise torch.view_as_real(param) instead")
+                raise complex_param_error(self._name, describe_param(group, i, p))
             if group[TARGET_FLAG]:
                 self._check_projectable(group, i, p)
 
-    @staticmethod
-    def _param_name(group: dict[str, Any], i: int) -> str | None:
-        names = group.get("param_names")
-        return names[i] if names and i < len(names) else None
-
-    def _describe(self, group: dict[str, Any], i: int, p: Tensor) -> str:
-        name = self._param_name(group, i)
-        shape = "×".join(map(str, p.shape)) or "scalar"
-        return f"parameter {name!r} (shape {shape})" if name else f"parameter #{i} of its group (shape {shape})"
-
     def _check_projectable(self, group: dict[str, Any], i: int, p: Tensor) -> None:
-        what = self._describe(group, i, p)
-        if _is_dtensor(p):
+        what = describe_param(group, i, p)
+        if is_dtensor(p):
             raise ValueError(
                 f"{self._name}: {what} is a DTensor (FSDP2-sharded, placements {tuple(p.placements)}). The projected "
                 "path needs whole matrices and does not support sharded parameters yet. Train it with DDP instead "
@@ -392,29 +335,18 @@ class GaLore2(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One optimizer step (refreshing the subspace of parameters due for it). Returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._check_grads()  # before any state changes: an error leaves the optimizer as it was
-        index = 0  # position over all param_groups: seeds parameter sketches independently of which have grads
-        for group in self.param_groups:
+        for group, index in with_offsets(self.param_groups):  # sketch seeds do not depend on which have grads
             self._step_group(group, index)
-            index += len(group["params"])
         return loss
 
     def _check_grads(self) -> None:
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{self._name} does not support sparse gradients ({self._describe(group, i, p)}); use dense "
-                        "gradients, e.g. nn.Embedding(..., sparse=False)"
-                    )
-                if group[TARGET_FLAG]:
-                    self._check_projectable(group, i, p)  # again: FSDP2/ZeRO may have swapped it since construction
+        for group, i, p in params_with_grad(self.param_groups):
+            if p.grad.is_sparse:
+                raise sparse_grad_error(self._name, describe_param(group, i, p))
+            if group[TARGET_FLAG]:
+                self._check_projectable(group, i, p)  # again: FSDP2/ZeRO may have swapped it since construction
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any], index: int) -> None:
         state["step"] = 0

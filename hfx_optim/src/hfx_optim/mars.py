@@ -30,6 +30,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import (
+    Steps,
+    check_betas,
+    check_bool,
+    complex_param_error,
+    finish_added_group,
+    params_with_grad,
+    per_param,
+    run_closure,
+    sparse_grad_error,
+)
+
 __all__ = [
     "MARS",
     "MARS_TYPES",
@@ -47,20 +59,10 @@ WEIGHT_DECAY_1D_MODES = ("group", "always")
 NS_DTYPES = ("bfloat16", "float16", "float32", "float64")
 NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Newton–Schulz quintic (a, b, c)
 
-_Steps = int | Sequence[int]
-
 
 # --------------------------------------------------------------------------------------------------
 # Pure update functions (lists of tensors in, tensors updated in place)
 # --------------------------------------------------------------------------------------------------
-
-
-def _per_param(step: _Steps, n: int) -> Sequence[int]:
-    if isinstance(step, int):
-        return [step] * n
-    if len(step) != n:
-        raise ValueError(f"step has {len(step)} entries for {n} parameters")
-    return step
 
 
 def mars_correction(grad: Tensor, prev_grad: Tensor, *, gamma: float, beta1: float) -> Tensor:
@@ -70,6 +72,14 @@ def mars_correction(grad: Tensor, prev_grad: Tensor, *, gamma: float, beta1: flo
     c = torch.sub(grad, prev_grad).mul_(k).add_(grad)
     # c / max(1, ||c||) equals the official `if norm > 1: c = c / norm` and needs no device-to-host sync
     return c.div_(torch.linalg.vector_norm(c).clamp_(min=1.0))
+
+
+def _corrected(g: Tensor, g_prev: Tensor, *, gamma: float, beta1: float, store_grads: bool) -> Tensor:
+    """:func:`mars_correction`; with ``store_grads``, ``g`` is then copied into ``g_prev`` for the next step."""
+    c = mars_correction(g, g_prev, gamma=gamma, beta1=beta1)
+    if store_grads:
+        g_prev.copy_(g)
+    return c
 
 
 def _adam_update(p: Tensor, u: Tensor, m: Tensor, v: Tensor, t: int, *, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -91,7 +101,7 @@ def mars_adamw_step(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     gamma: float,
@@ -107,11 +117,9 @@ def mars_adamw_step(
     """
     beta1, beta2 = betas
     for p, g, g_prev, m, v, t in zip(
-        params, grads, prev_grads, exp_avgs, exp_avg_sqs, _per_param(step, len(params)), strict=True
+        params, grads, prev_grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True
     ):
-        c = mars_correction(g, g_prev, gamma=gamma, beta1=beta1)
-        if store_grads:
-            g_prev.copy_(g)
+        c = _corrected(g, g_prev, gamma=gamma, beta1=beta1, store_grads=store_grads)
         _adam_update(p, c, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
@@ -133,9 +141,7 @@ def mars_lion_step(
     """
     beta1 = betas[0]
     for p, g, g_prev, m in zip(params, grads, prev_grads, exp_avgs, strict=True):
-        c = mars_correction(g, g_prev, gamma=gamma, beta1=beta1)
-        if store_grads:
-            g_prev.copy_(g)
+        c = _corrected(g, g_prev, gamma=gamma, beta1=beta1, store_grads=store_grads)
         m.mul_(beta1).add_(c, alpha=1.0 - beta1)
         if weight_decay != 0:
             p.mul_(1.0 - lr * weight_decay)
@@ -167,7 +173,7 @@ def mars_shampoo_step(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor | None],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     gamma: float,
@@ -182,11 +188,9 @@ def mars_shampoo_step(
     shape takes the MARS-AdamW update on ``c`` with its ``exp_avg_sqs[i]``."""
     beta1, beta2 = betas
     for p, g, g_prev, m, v, t in zip(
-        params, grads, prev_grads, exp_avgs, exp_avg_sqs, _per_param(step, len(params)), strict=True
+        params, grads, prev_grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True
     ):
-        c = mars_correction(g, g_prev, gamma=gamma, beta1=beta1)
-        if store_grads:
-            g_prev.copy_(g)
+        c = _corrected(g, g_prev, gamma=gamma, beta1=beta1, store_grads=store_grads)
         if p.ndim != 2:
             _adam_update(p, c, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
             continue
@@ -204,7 +208,7 @@ def adamw_1d_step(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     *,
-    step: _Steps,
+    step: Steps,
     lr: float,
     betas: tuple[float, float],
     eps: float,
@@ -213,7 +217,7 @@ def adamw_1d_step(
     """AdamW on the raw gradient for the parameters MARS leaves to AdamW (in place), in the official MARS form:
     ``p -= lr*wd*p + lr * (m/bc1) / (sqrt(v/bc2) + eps)``, which is also ``torch.optim.AdamW``'s."""
     beta1, beta2 = betas
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, _per_param(step, len(params)), strict=True):
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True):
         _adam_update(p, g, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
@@ -231,17 +235,6 @@ def _normalize_mars_type(value: Any) -> str:
             "(the official names 'mars-adamw', 'mars-lion', 'mars-shampoo' are accepted too)"
         )
     return name
-
-
-def _check_betas(name: str, betas: Any) -> tuple[float, float]:
-    try:
-        beta1, beta2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair of floats in [0, 1), e.g. {name}=(0.95, 0.99); got {betas!r}") from None
-    for i, beta in enumerate((beta1, beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{name}[{i}] must be in [0, 1), got {beta}; pass e.g. {name}=(0.95, 0.99)")
-    return beta1, beta2
 
 
 def _check_nonneg(name: str, value: Any, hint: str) -> float:
@@ -360,8 +353,8 @@ class MARS(torch.optim.Optimizer):
         group["eps"] = _check_nonneg("eps", group["eps"], "pass e.g. eps=1e-8")
         group["weight_decay"] = _check_nonneg("weight_decay", group["weight_decay"], "pass e.g. weight_decay=0.01")
         group["gamma"] = _check_nonneg("gamma", group["gamma"], "the paper uses gamma=0.025; 0 turns the correction off")
-        group["betas"] = _check_betas("betas", group["betas"])
-        group["betas_1d"] = _check_betas("betas_1d", group["betas_1d"])
+        group["betas"] = check_betas(group["betas"], example="(0.95, 0.99)")
+        group["betas_1d"] = check_betas(group["betas_1d"], name="betas_1d", example="(0.95, 0.99)")
         group["weight_decay_1d"] = _check_nonneg(
             "weight_decay_1d", group["weight_decay_1d"], "pass e.g. weight_decay_1d=0.1, or 0 for none"
         )
@@ -377,25 +370,17 @@ class MARS(torch.optim.Optimizer):
             raise ValueError(f"ns_steps must be a positive int (5 in the paper), got {group['ns_steps']!r}")
         group["ns_dtype"] = _dtype_name(group["ns_dtype"])
         for flag in ("is_approx", "optimize_1d"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag} must be True or False, got {group[flag]!r}")
+            check_bool(flag, group[flag])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        try:
-            self._finish_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # leave the optimizer as it was
-            raise
+        finish_added_group(self.param_groups, self._finish_group)
 
     def _finish_group(self, group: dict[str, Any]) -> None:
         self._validate_group(group)
         for p in group["params"]:
             if p.is_complex():
-                raise ValueError(
-                    f"MARS does not support complex parameters (shape {tuple(p.shape)}); optimise "
-                    "torch.view_as_real(param) instead"
-                )
+                raise complex_param_error("MARS", f"shape {tuple(p.shape)}")
         if "lr_1d_ratio" not in group:
             # the AdamW path's learning rate is lr * lr_1d_ratio: the scheduler scales both paths together
             if group["lr_1d"] is None:
@@ -488,10 +473,7 @@ class MARS(torch.optim.Optimizer):
         first step must get g_prev one of these two ways; at its first step g_prev defaults to 0. Passing the
         previous step's gradients here reproduces approximate MARS exactly.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         supplied: dict[int, Tensor] = {}
         if prev_grads is not None:
             self._require_exact("prev_grads")
@@ -506,28 +488,23 @@ class MARS(torch.optim.Optimizer):
         return group["optimize_1d"] or p.ndim == 2
 
     def _check_grads(self, supplied: dict[int, Tensor]) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"MARS does not support sparse gradients (parameter of shape {tuple(p.shape)}); use dense "
-                        "gradients, e.g. nn.Embedding(..., sparse=False), or another optimizer for that parameter"
-                    )
-                state = self.state.get(p, {})
-                if (
-                    not group["is_approx"]
-                    and self._on_mars_path(group, p)
-                    and state.get("step", 0) >= 1
-                    and id(p) not in supplied
-                    and "prev_grad" not in state
-                ):
-                    raise RuntimeError(
-                        f"exact MARS (is_approx=False), step {state['step'] + 1}: no gradient at the previous "
-                        f"parameters for a parameter of shape {tuple(p.shape)}. Pass step(prev_grads=...) or call "
-                        "set_prev_grads() before the previous step(); or use is_approx=True to reuse the last gradient."
-                    )
+        for group, _, p in params_with_grad(self.param_groups):
+            if p.grad.is_sparse:
+                raise sparse_grad_error("MARS", f"parameter of shape {tuple(p.shape)}",
+                                        ", or another optimizer for that parameter")
+            state = self.state.get(p, {})
+            if (
+                not group["is_approx"]
+                and self._on_mars_path(group, p)
+                and state.get("step", 0) >= 1
+                and id(p) not in supplied
+                and "prev_grad" not in state
+            ):
+                raise RuntimeError(
+                    f"exact MARS (is_approx=False), step {state['step'] + 1}: no gradient at the previous "
+                    f"parameters for a parameter of shape {tuple(p.shape)}. Pass step(prev_grads=...) or call "
+                    "set_prev_grads() before the previous step(); or use is_approx=True to reuse the last gradient."
+                )
 
     def _step_group(self, group: dict[str, Any], supplied: dict[int, Tensor]) -> None:
         mars_type, approx = group["mars_type"], group["is_approx"]

@@ -1,0 +1,157 @@
+"""Helpers shared by the hfx-optim optimizers: argument checks whose errors say how to fix them, parameters named in
+messages, and the small loops every ``step()`` runs. A ``where`` argument is appended to the value in an error (FRUGAL
+names the param group there)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Steps = int | Sequence[int]
+Group = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step lists
+# --------------------------------------------------------------------------------------------------
+
+
+def per_param(step: Steps, n: int) -> Sequence[int]:
+    """``step`` as one bias-correction step per parameter (one int stands for all ``n``)."""
+    if isinstance(step, int):
+        return [step] * n
+    if len(step) != n:
+        raise ValueError(f"step has {len(step)} entries for {n} parameters")
+    return step
+
+
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss, computed with gradients enabled (a step runs under ``no_grad``); None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def params_with_grad(param_groups: Iterable[Group]) -> Iterator[tuple[Group, int, Tensor]]:
+    """``(group, index in the group, parameter)`` for every parameter that has a gradient."""
+    for group in param_groups:
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None:
+                yield group, i, p
+
+
+def with_offsets(param_groups: Iterable[Group]) -> Iterator[tuple[Group, int]]:
+    """``(group, position of its first parameter over all groups)``: per-parameter seeds that do not depend on which
+    parameters have gradients."""
+    index = 0
+    for group in param_groups:
+        yield group, index
+        index += len(group["params"])
+
+
+def finish_added_group(param_groups: list[Group], finish: Callable[[Group], None]) -> None:
+    """``finish`` (check and complete) the group just appended; on ValueError remove it, so the optimizer stays as it
+    was, and re-raise."""
+    try:
+        finish(param_groups[-1])
+    except ValueError:
+        param_groups.pop()
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------
+
+
+def check_number(name: str, value: Any, hint: str, *, minimum: float = 0.0) -> float:
+    """A finite real ``>= minimum`` (not a bool), as a float."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}; {hint}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}; {hint}") from None
+    if not (math.isfinite(value) and value >= minimum):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value}; {hint}")
+    return value
+
+
+def check_int(name: str, value: Any, hint: str, *, minimum: int, where: str = "") -> int:
+    """An int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}{where}; {hint}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str], meaning: str = "", *, where: str = "") -> str:
+    """One of ``choices``; ``meaning`` follows the list of choices in the error."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}{where}: use one of {', '.join(repr(c) for c in choices)}{meaning}")
+    return value
+
+
+def check_bool(name: str, value: Any, where: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}{where}")
+    return value
+
+
+def check_beta_range(betas: tuple[float, float], *, name: str = "betas", example: str = "(0.9, 0.999)",
+                     where: str = "") -> tuple[float, float]:
+    """Both betas in [0, 1); the error suggests ``name=example``."""
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name}[{i}] must be in [0, 1), got {beta}{where}; pass e.g. {name}={example}")
+    return betas
+
+
+def check_betas(betas: Any, *, name: str = "betas", example: str = "(0.9, 0.999)") -> tuple[float, float]:
+    """``betas`` as a pair of floats in [0, 1); the errors suggest ``name=example``."""
+    try:
+        beta1, beta2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of floats in [0, 1), e.g. {name}={example}; got {betas!r}") from None
+    return check_beta_range((beta1, beta2), name=name, example=example)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters in messages
+# --------------------------------------------------------------------------------------------------
+
+
+def param_name(group: Group, i: int) -> str | None:
+    """The name of ``group["params"][i]`` from a named param group (``param_names``), or None."""
+    names = group.get("param_names")
+    return names[i] if names and i < len(names) else None
+
+
+def describe_param(group: Group, i: int, p: Tensor) -> str:
+    """``parameter 'name' (shape 4×3)``, or ``parameter #i of its group (shape 4×3)`` without names."""
+    name = param_name(group, i)
+    shape = "×".join(map(str, p.shape)) or "scalar"
+    return f"parameter {name!r} (shape {shape})" if name else f"parameter #{i} of its group (shape {shape})"
+
+
+def sparse_grad_error(optimizer: str, what: str, advice: str = "") -> RuntimeError:
+    return RuntimeError(f"{optimizer} does not support sparse gradients ({what}); use dense gradients, e.g. "
+                        f"nn.Embedding(..., sparse=False){advice}")
+
+
+def complex_param_error(optimizer: str, what: str) -> ValueError:
+    return ValueError(f"{optimizer} does not support complex parameters ({what}); optimise torch.view_as_real(param) "
+                      "instead")
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
