@@ -1,0 +1,32 @@
+"""Every hfx-optim optimizer under DDP (2 CPU processes, gloo): trains, and both ranks end with identical weights
+(the projections, subspace choices and stochastic rounding draw the same on every rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hfx.registry import get_registry
+from hfx.testing import shared_tiny_model_dir
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+def test_all_optimizers_identical_on_both_ranks(tmp_path):
+    names = sorted(c.name for c in get_registry().contributions("optimizer") if c.plugin == "optim")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(HERE / "ddp_train.py"), str(shared_tiny_model_dir("qwen2")), str(out), ",".join(names)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1))
+    assert sorted(rank0) == names
+    for name in names:
+        assert rank0[name]["world"] == 2 and rank0[name]["changed"] > 0, name
+        assert rank0[name] == rank1[name], name  # bit-identical weights on both ranks
