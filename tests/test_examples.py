@@ -1,0 +1,32 @@
+"""Every example script runs in-process with the tiny model and 2 steps (as TRL's CLI tests do)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("optimizer", ["mars", "galore2", "fira", "frugal", "eco"])
+def test_optimizers_example(optimizer, isolated, tiny_model_dir, monkeypatch):
+    example = load("optimizers")
+    extra = {"galore2": '{"rank": 4}', "fira": '{"rank": 4}'}.get(optimizer, "{}")
+    monkeypatch.setattr(sys, "argv", [
+        "optimizers.py", "--config", str(EXAMPLES / "optimizers.yaml"), "--model_name_or_path",
+        str(tiny_model_dir("qwen2")), "--hfx_optimizer", optimizer, "--hfx_optimizer_args", extra, "--max_steps", "2",
+        "--output_dir", str(isolated / "out"), "--per_device_train_batch_size", "4", "--max_length", "32"])
+    result = example.main(*example.make_parser().parse_args_and_config())
+    assert result["optimizer"].lower().startswith(optimizer[:4])
+    assert 0.0 <= result["after"] <= 1.0
