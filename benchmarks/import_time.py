@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "import.md"))
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     rows = []
     for label, code in PROBES.items():
         runs = [measure(code) for _ in range(args.repeats)]
@@ -50,7 +51,8 @@ def main() -> None:
         "# Import time of the hfx core",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-        f"{platform.platform()}.",
+        f"{platform.platform()}; load average {load:.1f} when the run started (other work on the "
+        "machine inflates every row, the ratios less).",
         f"Command: `python benchmarks/import_time.py --repeats {args.repeats}` (each probe in a fresh interpreter; "
         "time measured inside it, excluding interpreter start).",
         "",
