@@ -82,6 +82,9 @@ def load_train_dataset(script_args: HfxScriptArguments, dataset_format: str):
         from .toy import get_task
 
         task = get_task(name[len(TOY_PREFIX):])
+        if dataset_format not in task.formats:
+            raise ValueError(f"this trainer trains on {dataset_format!r} data; toy task {task.name!r} offers "
+                             f"{', '.join(task.formats)}: pick another --dataset_name")
         extra = {"reward_funcs": [task.reward_fn]} if dataset_format == "prompt" else {}
         return task.dataset(script_args.dataset_train_split, format=dataset_format), extra
     from datasets import load_dataset

@@ -12,12 +12,14 @@ downloaded: the tokenizer is built in-process and the warm-start model is traine
 
 Example::
 
-    >>> from hfx import toy
-    >>> task = toy.ArithmeticTask(max_operand=10, seed=0)
-    >>> task.reward_fn(["2+3="], ["5<|im_end|>"])
-    [1.0]
-    >>> path = toy.warm_start("arithmetic")          # trains once (about a minute), then cached
-    >>> # GRPOTrainer(model=str(path), reward_funcs=toy.reward_fn, train_dataset=task.dataset("train", "prompt"))
+    from hfx import toy
+    from trl import GRPOConfig, GRPOTrainer
+
+    task = toy.ArithmeticTask()
+    task.reward_fn(["2+3="], ["5<|im_end|>"])        # [1.0]
+    path = toy.warm_start("arithmetic")               # trains once (about a minute), then cached
+    GRPOTrainer(model=str(path), reward_funcs=task.reward_fn, args=GRPOConfig(...),
+                train_dataset=task.dataset("train", format="prompt")).train()
 
 Importing this module is cheap: torch, transformers, trl and datasets are imported inside the functions.
 """
@@ -266,6 +268,7 @@ class ArithmeticTask:
     seed: int = 0
 
     name: ClassVar[str] = "arithmetic"
+    metric_name: ClassVar[str] = "accuracy"
     sft_format: ClassVar[str] = "prompt_completion"
     formats: ClassVar[tuple[str, ...]] = ("prompt_completion", "prompt", "preference")
     _sft_args: ClassVar[dict] = {}
@@ -410,13 +413,13 @@ class CollaboratorTask:
 
     Example::
 
-        >>> task = CollaboratorTask()
-        >>> env = task.env()
-        >>> tid = task.task_ids("train")[0]
-        >>> first = env.reset(tid)                      # 'x=.., y is secret. x+y?'
-        >>> reply, done = env.step("y?")                # ('y=..', False)
-        >>> _ = env.step(task.get(tid).hidden["answer"].__str__()); env.reward()
-        1.0
+        task = CollaboratorTask()
+        env = task.env()
+        tid = task.task_ids("train")[0]
+        env.reset(tid)                                 # 'x=11, y is secret. x+y?'
+        env.step("y?")                                 # ('y=12', False)
+        env.step(str(task.get(tid).hidden["answer"]))  # (None, True)
+        env.reward()                                   # 1.0
     """
 
     max_operand: int = 20
@@ -426,6 +429,7 @@ class CollaboratorTask:
     seed: int = 0
 
     name: ClassVar[str] = "collaborator"
+    metric_name: ClassVar[str] = "success_rate"
     sft_format: ClassVar[str] = "messages"
     formats: ClassVar[tuple[str, ...]] = ("messages", "prompt")
     _sft_args: ClassVar[dict] = {"assistant_only_loss": True}  # learn the agent's turns, not the user's
@@ -543,11 +547,11 @@ class CollaboratorEnv:
 
     Example::
 
-        >>> env = CollaboratorTask().env()
-        >>> env.reset("train-0")
-        'x=.., y is secret. x+y?'
-        >>> env.step("y?")
-        ('y=..', False)
+        env = CollaboratorTask().env()
+        env.reset("train-0")      # 'x=11, y is secret. x+y?'
+        env.step("y?")            # ('y=12', False)
+        env.step("23")            # (None, True)
+        env.reward()              # 1.0
     """
 
     def __init__(self, task: CollaboratorTask | None = None):
@@ -593,12 +597,16 @@ class CollaboratorEnv:
 # --------------------------------------------------------------------------------------------------------------
 
 _TASKS = {"arithmetic": ArithmeticTask, "collaborator": CollaboratorTask}
-# The accuracy of these tiny models jumps (grokking-like) at a step that depends on the seed and the library
-# versions: with seed 0, arithmetic eval accuracy went 13% -> 26% -> 57% -> 76% over steps 500..650, while other
-# step counts or seeds hit the jump hundreds of steps later. A fixed step count therefore lands either well below
-# or well above the "right some of the time" range; stopping at a target accuracy does not.
+# The accuracy of these tiny models jumps (grokking-like) at a step that depends on the seed, the thread count and
+# the library versions: arithmetic eval accuracy went 13% -> 26% -> 57% -> 76% over steps 500..650 in one run, while
+# other seeds hit the jump hundreds of steps later. A fixed step count lands either well below or well above the
+# "right some of the time" range; stopping at a target accuracy does not. Measured (transformers 5.24, 1 thread):
+# arithmetic seed 0/1 stopped at step 350/1175 with eval accuracy 46%/32%; collaborator seed 0/1 stopped at step
+# 525/300 with eval success 36%/32%.
 DEFAULT_STEPS = {"arithmetic": 1500, "collaborator": 1500}  # caps; training usually stops earlier (stop_at)
-DEFAULT_STOP_AT = 0.25
+# Train-probe targets. The collaborator's 320 train tasks are seen ~100 times each, so its eval success trails the
+# train probe by ~10 points: a higher target lands both tasks' eval metric at roughly 20-50%.
+DEFAULT_STOP_AT = {"arithmetic": 0.25, "collaborator": 0.4}
 _MODEL_DEFAULTS = {
     "hidden_size": 128,
     "num_hidden_layers": 3,
@@ -649,7 +657,7 @@ def _major(package: str) -> str:
 
 
 def warm_start(task: Any = "arithmetic", steps: int | None = None, *, seed: int = 0,
-               stop_at: float | None = DEFAULT_STOP_AT, cache_dir: str | os.PathLike | None = None,
+               stop_at: float | str | None = "auto", cache_dir: str | os.PathLike | None = None,
                **overrides) -> Path:
     """Train a tiny Qwen2 (0.48M parameters) with TRL's ``SFTTrainer`` on ``task``'s SFT data and return the
     directory holding the model and tokenizer (loadable by path, e.g. ``GRPOTrainer(model=str(path), ...)``).
@@ -657,8 +665,9 @@ def warm_start(task: Any = "arithmetic", steps: int | None = None, *, seed: int 
     * ``task``: a name (``"arithmetic"``, ``"collaborator"``) or a task object.
     * ``steps``: the most optimizer steps (default ``DEFAULT_STEPS[task.name]``).
     * ``stop_at``: stop as soon as the task metric on the first 200 *train* items reaches it (checked every 25
-      steps), so that RL and self-play start from a model that is right some of the time; ``None`` trains all
-      ``steps``. The eval split stays untouched for the reported ``eval_accuracy``.
+      steps), so that RL and self-play start from a model that is right some of the time; ``"auto"`` is
+      ``DEFAULT_STOP_AT[task.name]``; ``None`` trains all ``steps``. The eval split stays untouched for the
+      reported ``eval_accuracy``.
     * ``overrides``: task fields (with a task name), ``Qwen2Config`` fields (``hidden_size``,
       ``num_hidden_layers``, ...) and ``SFTConfig`` fields (``learning_rate``, ...).
 
@@ -670,13 +679,15 @@ def warm_start(task: Any = "arithmetic", steps: int | None = None, *, seed: int 
 
     Example::
 
-        >>> path = warm_start("arithmetic")              # about a minute on 2 CPU cores, then cached
-        >>> json.loads((path / "metrics.json").read_text())["eval_accuracy"]
-        >>> small = warm_start("arithmetic", 300, stop_at=None, max_operand=10, hidden_size=64)
+        path = warm_start("arithmetic")                # a minute or two on 2 CPU cores, then cached
+        json.loads((path / "metrics.json").read_text())["eval_accuracy"]   # e.g. 0.46
+        small = warm_start("arithmetic", 300, stop_at=None, max_operand=10, hidden_size=64)
     """
     fields = _task_field_names(task)
     task = get_task(task, **{k: overrides.pop(k) for k in list(overrides) if k in fields})
     steps = DEFAULT_STEPS.get(task.name, 1000) if steps is None else int(steps)
+    if stop_at == "auto":
+        stop_at = DEFAULT_STOP_AT.get(task.name, 0.25)
     model_cfg = {**_MODEL_DEFAULTS, **{k: overrides.pop(k) for k in list(overrides) if k in _MODEL_DEFAULTS}}
     train_cfg = {**_TRAIN_DEFAULTS, **task._sft_args, **overrides}
     settings = {
@@ -770,10 +781,9 @@ def _train_single_thread(task: Any, steps: int, seed: int, model_cfg: dict, trai
 
     tok = tokenizer()
     model = _build_model(tok, seed, model_cfg)
-    # transformers 5 renamed gradient_checkpointing (TRL defaults it to True) to activation_checkpointing and warns
-    # on the old name; pick whichever this version has, by feature rather than version number.
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    no_ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    from ._compat import checkpointing_field
+
+    no_ckpt = checkpointing_field(SFTConfig)  # TRL defaults it to True; the field was renamed in transformers 5
     args = SFTConfig(
         output_dir=str(out),
         max_steps=steps,
