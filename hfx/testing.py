@@ -863,6 +863,24 @@ class AttentionConformance(_Conformance):
             assert torch.equal(out, want), f"greedy generation differs from SDPA:\n{out}\n{want}"
 
 
+def _clone(x):
+    """A copy of a tensor or of a list of tensors (anything else as is)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(t) for t in x)
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def _strided_copy(x):
+    """``x`` with the same values in a non-contiguous view (a tensor or a list of tensors; anything else as is)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(_strided_copy(t) for t in x)
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.numel() < 2:
+        return x
+    wide = torch.empty((*x.shape, 2), dtype=x.dtype, device=x.device)
+    wide[..., 0] = x
+    return wide[..., 0]
+
+
 DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # dtype -> (rtol, atol)
     torch.float32: (1.3e-6, 1e-5),
     torch.float64: (1e-7, 1e-7),
@@ -921,18 +939,31 @@ class KernelConformance(_Conformance):
 
     def test_matches_reference(self, shape, dtype):
         inputs = self._inputs(shape, dtype)
-        want = self.reference(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+        want = self.reference(*[_clone(x) for x in inputs])
         self._close(self.kernel(*inputs), want, dtype, f"kernel != reference at shape {shape}, {dtype}")
 
     def test_inputs_not_modified(self, shape, dtype):
         if self.modifies_inputs:
             pytest.skip("the kernel works in place by design")
         inputs = self._inputs(shape, dtype)
-        copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+        copies = [_clone(x) for x in inputs]
         self.kernel(*inputs)
         for i, (x, c) in enumerate(zip(inputs, copies, strict=True)):
             if isinstance(x, torch.Tensor):
                 assert torch.equal(x, c), f"input {i} was modified"
+
+    def test_non_contiguous_handled_or_rejected(self, shape, dtype):
+        """Strided inputs (same values, every other element of a wider buffer) either give the reference's result or
+        raise an error that says "contiguous"."""
+        inputs = self._inputs(shape, dtype)
+        want = self.reference(*[_clone(x) for x in inputs])
+        strided = [_strided_copy(x) for x in inputs]
+        try:
+            got = self.kernel(*strided)
+        except (ValueError, RuntimeError) as err:
+            assert "contiguous" in str(err), f"a non-contiguous input raised an unclear error: {err}"
+            return
+        self._close(got, want, dtype, f"kernel on non-contiguous inputs != reference at shape {shape}, {dtype}")
 
     def test_backward_matches_reference(self, shape, dtype):
         if not self.check_backward:

@@ -86,3 +86,17 @@ def train_all():
         return unwrap_optimizer(trainer.optimizer)
 
     return run
+
+
+@pytest.fixture(params=["torch", "triton"])
+def kernel_backend(request, monkeypatch):
+    """Runs a test on both kernel paths (``HFX_KERNELS``): torch, and Triton (its interpreter on a CPU-only machine;
+    skipped where Triton cannot run). The optimizers' results must not depend on the path."""
+    if request.param == "triton":
+        from hfx_kernels.testing import triton_runnable
+
+        ok, why = triton_runnable()
+        if not ok:
+            pytest.skip(why)
+    monkeypatch.setenv("HFX_KERNELS", request.param)
+    return request.param

@@ -1,0 +1,218 @@
+"""Multi-tensor AdamW-family step: one Triton launch per dtype group updates every tensor of a list.
+
+Per tensor i, with per-tensor ``step_size[i]`` and ``eps[i]`` (which carry the bias correction, computed on the host
+from each tensor's step, so no device sync) and an optional gradient scale ``s`` (HF's clip coefficient as a device
+scalar, folded in instead of a separate pass over the gradients)::
+
+    u = s * g
+    m = beta1 * m + (1 - beta1) * u
+    v = beta2 * v + (1 - beta2) * u * u
+    d = m / (sqrt(v) + eps[i])
+    p = p * decay - step_size[i] * d      (decay_mode "before", torch.optim.AdamW)
+    p = (p - step_size[i] * d) * decay    (decay_mode "after", official GaLore/Fira)
+
+with ``decay = 1 - lr * weight_decay``. Without parameters the kernel writes ``d`` instead (the subspace Adam
+direction of GaLore 2 / Fira / FRUGAL, back-projected by the caller). :func:`adam_scalars` turns (lr, betas, eps, t)
+into ``step_size``/``eps`` for both eps conventions; both equal torch.optim.AdamW's
+``lr/bc1 * m / (sqrt(v/bc2) + eps)`` (``eps_mode="torch"``) or ``lr*sqrt(bc2)/bc1 * m / (sqrt(v) + eps)`` (``"hf"``).
+Floor: 28 bytes per fp32 parameter (read p, g, m, v; write p, m, v).
+
+    >>> adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps=[1] * len(params), lr=1e-3, betas=(0.9, 0.999),
+    ...            eps=1e-8, weight_decay=0.01)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from hfx_kernels._backend import (
+    BLOCK,
+    CHUNK,
+    TensorTable,
+    check_contiguous,
+    check_same_shapes,
+    compute_dtype,
+    group_by_dtype,
+    tl,
+    tl_dtype,
+    triton,
+    use_triton,
+)
+
+EPS_MODES = ("torch", "hf")
+DECAY_MODES = ("before", "after")
+
+
+def adam_scalars(step: int, *, lr: float, betas: tuple[float, float], eps: float, eps_mode: str = "torch",
+                 correct_bias: bool = True) -> tuple[float, float]:
+    """``(step_size, eps')`` for step ``t`` such that the Adam update is ``step_size * m / (sqrt(v) + eps')``.
+
+    ``eps_mode="torch"``: eps is added after the bias correction of v (torch.optim.AdamW, official MARS);
+    ``"hf"``: eps is added to sqrt(v) (official GaLore/Fira, transformers' legacy AdamW). Without ``correct_bias``
+    both corrections are 1."""
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"unknown eps_mode {eps_mode!r}: use 'torch' or 'hf'")
+    beta1, beta2 = betas
+    bc1 = 1.0 - beta1**step if correct_bias else 1.0
+    bc2_sqrt = math.sqrt(1.0 - beta2**step) if correct_bias else 1.0
+    return lr * bc2_sqrt / bc1, (eps * bc2_sqrt if eps_mode == "torch" else eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch reference
+# --------------------------------------------------------------------------------------------------
+
+
+def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, *, step_sizes, eps, betas, decay=1.0,
+                         decay_mode="before", grad_scale=None, out=None) -> None:
+    """The kernel's formula in plain torch, per tensor (see the module docstring). Updates ``params`` (or, with
+    ``params=None``, writes the directions into ``out``), ``exp_avgs`` and ``exp_avg_sqs`` in place."""
+    beta1, beta2 = betas
+    for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs, strict=True)):
+        c = compute_dtype(m.dtype if params is None else params[i].dtype)
+        u = g.to(c) if grad_scale is None else g.to(c) * grad_scale.to(c)
+        m32 = m.to(c).mul_(beta1).add_(u, alpha=1.0 - beta1)
+        v32 = v.to(c).mul_(beta2).addcmul_(u, u, value=1.0 - beta2)
+        d = m32 / v32.sqrt().add_(eps[i])
+        m.copy_(m32)
+        v.copy_(v32)
+        if params is None:
+            out[i].copy_(d)
+            continue
+        p = params[i]
+        p32 = p.to(c)
+        if decay_mode == "before":
+            p32 = p32.mul_(decay).sub_(d, alpha=step_sizes[i])
+        else:
+            p32 = p32.sub_(d, alpha=step_sizes[i]).mul_(decay)
+        p.copy_(p32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _adamw_kernel(chunks, numels, num_chunks, p_tab, g_tab, m_tab, v_tab, out_tab, step_sizes, eps_tab,
+                      hyper, grad_scale, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                      C_DTYPE: tl.constexpr, HAS_P: tl.constexpr, DECAY_AFTER: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(chunks + pid)
+        start = tl.load(chunks + num_chunks + pid)
+        n = tl.load(numels + t)
+        g_ptr = tl.load(g_tab + t).to(tl.pointer_type(G_DTYPE))
+        m_ptr = tl.load(m_tab + t).to(tl.pointer_type(S_DTYPE))
+        v_ptr = tl.load(v_tab + t).to(tl.pointer_type(S_DTYPE))
+        step_size = tl.load(step_sizes + t)
+        eps = tl.load(eps_tab + t)
+        beta1 = tl.load(hyper + 0)
+        one_minus_beta1 = tl.load(hyper + 1)
+        beta2 = tl.load(hyper + 2)
+        one_minus_beta2 = tl.load(hyper + 3)
+        decay = tl.load(hyper + 4)
+        if HAS_SCALE:
+            scale = tl.load(grad_scale).to(C_DTYPE)
+        for off in range(0, CHUNK, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < n
+            u = tl.load(g_ptr + idx, mask=mask, other=0.0).to(C_DTYPE)
+            if HAS_SCALE:
+                u = u * scale
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(C_DTYPE) * beta1 + one_minus_beta1 * u
+            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(C_DTYPE) * beta2 + one_minus_beta2 * (u * u)
+            d = m / (tl.sqrt(v) + eps)
+            tl.store(m_ptr + idx, m.to(S_DTYPE), mask=mask)
+            tl.store(v_ptr + idx, v.to(S_DTYPE), mask=mask)
+            if HAS_P:
+                p_ptr = tl.load(p_tab + t).to(tl.pointer_type(P_DTYPE))
+                p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(C_DTYPE)
+                if DECAY_AFTER:  # noqa: SIM108 - a compile-time branch
+                    p = (p - step_size * d) * decay
+                else:
+                    p = p * decay - step_size * d
+                tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
+            else:
+                o_ptr = tl.load(out_tab + t).to(tl.pointer_type(P_DTYPE))
+                tl.store(o_ptr + idx, d.to(P_DTYPE), mask=mask)
+
+
+def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, *, step_sizes, eps, betas, decay=1.0,
+                      decay_mode="before", grad_scale=None, out=None) -> None:
+    """The Triton implementation of :func:`adamw_step_reference` (same arguments)."""
+    targets = out if params is None else params
+    lists = {"params" if params is not None else "out": targets, "grads": grads, "exp_avgs": exp_avgs,
+             "exp_avg_sqs": exp_avg_sqs}
+    for name, tensors in lists.items():
+        check_contiguous(tensors, name, "adamw_step")
+    beta1, beta2 = betas
+    for (device, p_dtype, g_dtype, s_dtype, _), idx in group_by_dtype(
+            len(targets), targets, grads, exp_avgs, exp_avg_sqs).items():
+        if s_dtype != exp_avg_sqs[idx[0]].dtype:
+            raise ValueError("adamw_step: exp_avgs and exp_avg_sqs must share a dtype")
+        keep = [i for i in idx if targets[i].numel()]
+        if not keep:
+            continue
+        c = compute_dtype(p_dtype)
+        table = TensorTable([targets[i].numel() for i in keep], device)
+        tab = {name: table.addresses([tensors[i] for i in keep]) for name, tensors in lists.items()}
+        hyper = table.floats([beta1, 1.0 - beta1, beta2, 1.0 - beta2, decay], c)
+        target_tab = tab["params" if params is not None else "out"]
+        _adamw_kernel[(table.num_chunks,)](
+            table.chunks, table.numels, table.num_chunks, target_tab, tab["grads"], tab["exp_avgs"],
+            tab["exp_avg_sqs"], target_tab, table.floats([step_sizes[i] for i in keep], c),
+            table.floats([eps[i] for i in keep], c), hyper, grad_scale if grad_scale is not None else hyper,
+            P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), S_DTYPE=tl_dtype(s_dtype), C_DTYPE=tl_dtype(c),
+            HAS_P=params is not None, DECAY_AFTER=decay_mode == "after", HAS_SCALE=grad_scale is not None,
+            CHUNK=CHUNK, BLOCK=BLOCK,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def _scalars(n, steps, lr, betas, eps, eps_mode, correct_bias):
+    steps = [steps] * n if isinstance(steps, int) else list(steps)
+    if len(steps) != n:
+        raise ValueError(f"adamw_step: steps has {len(steps)} entries for {n} tensors")
+    pairs = [adam_scalars(t, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias) for t in steps]
+    return [s for s, _ in pairs], [e for _, e in pairs]
+
+
+def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], *, steps: int | Sequence[int], lr: float, betas: tuple[float, float],
+               eps: float, weight_decay: float = 0.0, eps_mode: str = "torch", decay_mode: str = "before",
+               correct_bias: bool = True, grad_scale: Tensor | None = None) -> None:
+    """One AdamW step on every tensor (in place): moments, bias correction at each tensor's ``steps`` (t >= 1,
+    after incrementing), decoupled weight decay applied ``decay_mode`` the update. ``grad_scale`` is an optional
+    0-d device tensor multiplying every gradient (e.g. a clip coefficient). Triton on CUDA, torch elsewhere."""
+    if decay_mode not in DECAY_MODES:
+        raise ValueError(f"unknown decay_mode {decay_mode!r}: use 'before' (torch.optim.AdamW) or 'after'")
+    check_same_shapes({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+                      "adamw_step")
+    step_sizes, eps_list = _scalars(len(params), steps, lr, betas, eps, eps_mode, correct_bias)
+    impl = adamw_step_triton if use_triton(params, "adamw_step") else adamw_step_reference
+    impl(params, grads, exp_avgs, exp_avg_sqs, step_sizes=step_sizes, eps=eps_list, betas=betas,
+         decay=1.0 - lr * weight_decay, decay_mode=decay_mode, grad_scale=grad_scale)
+
+
+def adam_direction(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], *,
+                   steps: int | Sequence[int], betas: tuple[float, float], eps: float, eps_mode: str = "hf",
+                   correct_bias: bool = True, out: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[float]]:
+    """Update the moments with ``grads`` (in place) and return ``(N, c)`` per tensor: the Adam step is
+    ``-lr * c[i] * N[i]`` with ``N = m / (sqrt(v) + eps')`` (see :func:`adam_scalars`). ``N`` is written into
+    ``out`` (new tensors of the moments' dtype by default). Triton on CUDA, torch elsewhere."""
+    check_same_shapes({"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, "adam_direction")
+    out = list(out) if out is not None else [torch.empty_like(m) for m in exp_avgs]
+    factors, eps_list = _scalars(len(grads), steps, 1.0, betas, eps, eps_mode, correct_bias)
+    impl = adamw_step_triton if use_triton(grads, "adam_direction") else adamw_step_reference
+    impl(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas, out=out)
+    return out, factors
