@@ -159,3 +159,19 @@ def test_per_tensor_steps_and_bad_input():
     K.adamw_step(p, g, m, v, steps=[1, 10], lr=1.0, betas=(0.9, 0.999), eps=1e-12)
     torch.testing.assert_close(p[0], -torch.ones(3))
     assert (p[1].abs() < 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_torch_path_fast_form_equals_the_reference(dtype, monkeypatch):
+    """The torch path hands torch.optim.AdamW's form to torch's fused kernel; it must equal the plain reference."""
+    monkeypatch.setenv("HFX_KERNELS", "torch")
+    torch.manual_seed(0)
+    a = make_lists((37, 3), dtype, "cpu", state_dtype=dtype)
+    b = [[x.clone() for x in lst] for lst in a]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    K.adamw_step(*a, steps=[4, 1, 7], weight_decay=0.1, **kw)
+    sizes, eps = K._scalars(3, [4, 1, 7], kw["lr"], kw["betas"], kw["eps"], "torch", True)
+    K.adamw_step_reference(*b, step_sizes=sizes, eps=eps, betas=kw["betas"], decay=1 - kw["lr"] * 0.1)
+    rtol, atol = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)

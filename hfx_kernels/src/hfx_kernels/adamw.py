@@ -179,10 +179,15 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, *, step_sizes, eps, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _scalars(n, steps, lr, betas, eps, eps_mode, correct_bias):
+def _per_tensor(steps, n) -> list[int]:
     steps = [steps] * n if isinstance(steps, int) else list(steps)
     if len(steps) != n:
         raise ValueError(f"adamw_step: steps has {len(steps)} entries for {n} tensors")
+    return steps
+
+
+def _scalars(n, steps, lr, betas, eps, eps_mode, correct_bias):
+    steps = _per_tensor(steps, n)
     pairs = [adam_scalars(t, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias) for t in steps]
     return [s for s, _ in pairs], [e for _, e in pairs]
 
@@ -198,10 +203,38 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
         raise ValueError(f"unknown decay_mode {decay_mode!r}: use 'before' (torch.optim.AdamW) or 'after'")
     check_same_shapes({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                       "adamw_step")
+    steps = _per_tensor(steps, len(params))
+    if use_triton(params, "adamw_step"):
+        impl = adamw_step_triton
+    elif _torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale):
+        _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps,
+                           weight_decay=weight_decay)
+        return
+    else:
+        impl = adamw_step_reference
     step_sizes, eps_list = _scalars(len(params), steps, lr, betas, eps, eps_mode, correct_bias)
-    impl = adamw_step_triton if use_triton(params, "adamw_step") else adamw_step_reference
     impl(params, grads, exp_avgs, exp_avg_sqs, step_sizes=step_sizes, eps=eps_list, betas=betas,
          decay=1.0 - lr * weight_decay, decay_mode=decay_mode, grad_scale=grad_scale)
+
+
+def _torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale) -> bool:
+    """Whether torch's own fused AdamW kernel computes exactly this step: torch.optim.AdamW's form, one dtype for
+    parameter, gradient and moments, no gradient scale (torch's divides instead of multiplying)."""
+    if (eps_mode, decay_mode, correct_bias, grad_scale) != ("torch", "before", True, None) or not params:
+        return False
+    return all(p.dtype == g.dtype == m.dtype == v.dtype and p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda")
+               for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay) -> None:
+    """The torch path's fast form: ``torch._fused_adamw_``, the kernel behind ``torch.optim.AdamW(fused=True)``."""
+    state_steps = [torch.tensor(float(t), device=p.device) for p, t in zip(params, steps)]
+    torch._fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], state_steps, lr=lr,
+                        beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+                        maximize=False)
 
 
 def adam_direction(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], *,

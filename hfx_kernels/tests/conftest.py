@@ -1,0 +1,16 @@
+"""Fixtures of the hfx-kernels tests (the hfx test kit's come from the root conftest)."""
+
+import pytest
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A clean working directory (no plugins.toml), no HFX_KERNELS, and a registry rebuilt on first use."""
+    import hfx.registry
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("HFX_PLUGINS_TOML", "HFX_DISABLE_PLUGINS", "HFX_DISABLE_PLUGIN_AUTOLOAD", "HFX_KERNELS"):
+        monkeypatch.delenv(var, raising=False)
+    hfx.registry.reset()
+    yield tmp_path
+    hfx.registry.reset()
