@@ -93,9 +93,9 @@ def kernel_backend(request, monkeypatch):
     """Runs a test on both kernel paths (``HFX_KERNELS``): torch, and Triton (its interpreter on a CPU-only machine;
     skipped where Triton cannot run). The optimizers' results must not depend on the path."""
     if request.param == "triton":
-        from hfx_kernels.testing import triton_runnable
+        from hfx_kernels.testing import triton_runnable_on_cpu
 
-        ok, why = triton_runnable()
+        ok, why = triton_runnable_on_cpu()
         if not ok:
             pytest.skip(why)
     monkeypatch.setenv("HFX_KERNELS", request.param)

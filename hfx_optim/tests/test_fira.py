@@ -93,6 +93,7 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SHAPES = ((5, 3), (3, 5), (12, 9), (9, 12))
 
 
+@pytest.mark.usefixtures("kernel_backend")
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 @pytest.mark.parametrize("residual", ["official", "paper"])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -110,6 +111,7 @@ def test_matches_reference_fp64(proj_type, shape, residual, svd):
     assert (state["step"], state["refreshes"]) == (5, 3)
 
 
+@pytest.mark.usefixtures("kernel_backend")
 @pytest.mark.parametrize("options", [
     {"moments_on_refresh": "reset"},
     {"eps_mode": "torch"},
@@ -129,6 +131,7 @@ def test_options_match_reference_fp64(options, residual):
     assert rel(w, w_ref) < 1e-10 and rel(b, b_ref) < 1e-10
 
 
+@pytest.mark.usefixtures("kernel_backend")
 @pytest.mark.parametrize("residual", ["official", "paper"])
 @pytest.mark.parametrize("shape", [(12, 9), (9, 12)])
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
@@ -139,6 +142,7 @@ def test_matches_reference_fp32(proj_type, shape, residual):
     assert rel(w, w_ref) < 1e-6 and rel(b, b_ref) < 1e-6
 
 
+@pytest.mark.usefixtures("kernel_backend")
 def test_limiter_state_after_the_first_step_is_the_residual_norm():
     _, _, limiters, prev = reference_fira((5, 3), 1)
     _, _, opt = run((5, 3), 1)
@@ -146,6 +150,7 @@ def test_limiter_state_after_the_first_step_is_the_residual_norm():
     assert abs(float(opt.state[opt.param_groups[0]["params"][0]]["scaling_norm"]) - prev) < 1e-12 * prev
 
 
+@pytest.mark.usefixtures("kernel_backend")
 def test_variants_differ_where_they_should_and_agree_where_they_must():
     official, _, _ = run((9, 12), 5)
     paper, _, _ = run((9, 12), 5, residual="paper")
@@ -158,6 +163,7 @@ def test_variants_differ_where_they_should_and_agree_where_they_must():
     assert torch.equal(loose, no_limit)  # a limit no step reaches leaves the update exactly as without one
 
 
+@pytest.mark.usefixtures("kernel_backend")
 def test_full_rank_subspace_reduces_to_galore2():
     """rank = min(m, n): the subspace is everything, the paper-form residual is 0 and Fira is GaLore-AdamW."""
     for shape in ((5, 3), (3, 5)):

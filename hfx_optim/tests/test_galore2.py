@@ -79,6 +79,7 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SHAPES = ((5, 3), (3, 5), (12, 9), (9, 12))  # the larger ones make the randomized sketch (k = 4) smaller than n
 
 
+@pytest.mark.usefixtures("kernel_backend")
 @pytest.mark.parametrize("moments", ["keep", "reset"])
 @pytest.mark.parametrize(("shape", "svd"), [(s, "exact") for s in SHAPES] + [(s, "randomized") for s in SHAPES[2:]])
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
@@ -95,6 +96,7 @@ def test_matches_reference_fp64(proj_type, shape, svd, moments):
     assert state["exp_avg"].shape == m_ref.shape and rel(state["exp_avg"], m_ref) < 1e-10
 
 
+@pytest.mark.usefixtures("kernel_backend")
 @pytest.mark.parametrize("options", [
     {"eps_mode": "torch"},
     {"decay_mode": "before"},
@@ -115,6 +117,7 @@ def test_options_match_reference_fp64(options, proj_type):
     assert rel(w, w_ref) < 1e-10 and rel(b, b_ref) < 1e-10
 
 
+@pytest.mark.usefixtures("kernel_backend")
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 @pytest.mark.parametrize("shape", [(12, 9), (9, 12)])
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
@@ -140,6 +143,7 @@ def test_options_change_the_result():
         assert (other - base).abs().max() > 1e-9, options
 
 
+@pytest.mark.usefixtures("kernel_backend")
 def test_adamw_groups_equal_torch_adamw_in_torch_mode():
     """The non-projected groups, with eps_mode="torch", decay_mode="before", are torch.optim.AdamW."""
     torch.manual_seed(0)
@@ -160,12 +164,14 @@ def test_adamw_groups_equal_torch_adamw_in_torch_mode():
         torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.usefixtures("kernel_backend")
 def test_lr_zero_warmup_step_changes_nothing_but_the_state():
     w, _, opt = run_galore((5, 3), 1, lr=0.0)
     assert torch.equal(w, torch.tensor(w0(5, 3)))
     assert opt.state[opt.param_groups[0]["params"][0]]["step"] == 1
 
 
+@pytest.mark.usefixtures("kernel_backend")
 def test_bf16_parameters_keep_bf16_state():
     w = nn.Parameter(torch.tensor(w0(12, 9), dtype=torch.bfloat16))
     opt = GaLore2([{"params": [w], "rank": 2}], lr=0.01)

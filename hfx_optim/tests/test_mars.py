@@ -2,7 +2,8 @@
 approximate mode, the gamma=0 reduction to AdamW, the conformance kit, Trainer/TRL integration and input errors.
 
 The reference below (`reference_mars`) is written from the formulas of the spec (§2.1) with Python floats, element
-by element; it shares no code with hfx_optim.mars. Expected constants are the spec's float64 values.
+by element; it shares no code with hfx_optim.mars. Expected constants are the spec's float64 values. The reference tests
+run on both kernel paths (the `kernel_backend` fixture: torch, and Triton or its CPU interpreter).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def spec_reference(amp: float, exact: bool):
     ],
     ids=["clip-active", "clip-inactive", "exact"],
 )
-def test_spec_vectors(amp, exact, w00, b0):
+def test_spec_vectors(amp, exact, w00, b0, kernel_backend):
     (ref_w, ref_b), norms = spec_reference(amp, exact)
     # the reference reproduces the spec's published values (so it encodes the same formulas) ...
     assert ref_w[0, 0].item() == pytest.approx(w00, abs=1e-12)
@@ -180,7 +181,7 @@ def test_spec_vectors(amp, exact, w00, b0):
         assert w[0, 0].item() == pytest.approx(w00, abs=1e-12)
 
 
-def test_spec_vector_in_float32_within_kernel_tolerance():
+def test_spec_vector_in_float32_within_kernel_tolerance(kernel_backend):
     (ref_w, ref_b), _ = spec_reference(1.0, False)
     w0, grad = closed_form(1.0)
     w, b = nn.Parameter(w0.float()), nn.Parameter(w0[:3, 0].float())
@@ -212,7 +213,7 @@ def random_problem(seed: int, steps: int = 4, scale: float = 1.0):
 @pytest.mark.parametrize("optimize_1d", [False, True], ids=["1d-adamw", "1d-mars"])
 @pytest.mark.parametrize("exact", [False, True], ids=["approx", "exact"])
 @pytest.mark.parametrize("mode", ["group", "always"])
-def test_matches_reference_on_random_inputs(mars_type, optimize_1d, exact, mode):
+def test_matches_reference_on_random_inputs(mars_type, optimize_1d, exact, mode, kernel_backend):
     seed = 8 * ["adamw", "lion", "shampoo"].index(mars_type) + 4 * optimize_1d + 2 * exact + (mode == "always")
     init, grads, prev = random_problem(seed=seed)
     hp = dict(lr=3e-3, betas=(0.9, 0.98), eps=1e-8, gamma=0.05, lr_1d=1.5e-3, betas_1d=(0.85, 0.95),
@@ -282,7 +283,7 @@ def run(params_init, grads, prev=None, use_set_prev=False, **kw):
 
 
 @pytest.mark.parametrize("mars_type", ["adamw", "lion", "shampoo"])
-def test_exact_with_last_gradients_equals_approx(mars_type):
+def test_exact_with_last_gradients_equals_approx(mars_type, kernel_backend):
     init, grads, _ = random_problem(seed=11)
     approx, _ = run(init, grads, mars_type=mars_type, optimize_1d=True)
     last = [[None] * len(SHAPES), *grads[:-1]]  # step 1: g_prev = 0; then the previous step's gradient
@@ -291,7 +292,7 @@ def test_exact_with_last_gradients_equals_approx(mars_type):
         assert torch.equal(a, e)
 
 
-def test_exact_differs_from_approx_only_through_g_prev():
+def test_exact_differs_from_approx_only_through_g_prev(kernel_backend):
     init, grads, prev = random_problem(seed=12)
     approx, _ = run(init, grads)
     exact, _ = run(init, grads, prev=prev, is_approx=False)
@@ -372,7 +373,7 @@ def adamw_vs_mars(scale: float, optimize_1d: bool, normalise_for_adamw: bool = F
 
 
 @pytest.mark.parametrize("optimize_1d", [False, True], ids=["1d-adamw", "1d-mars"])
-def test_gamma_zero_is_adamw(optimize_1d):
+def test_gamma_zero_is_adamw(optimize_1d, kernel_backend):
     # small gradients: ||c|| = ||g|| < 1, no clip; MARS's decay form (p -= lr*wd*p before the update) and its
     # eps placement (after sqrt(v/bc2)) are torch.optim.AdamW's
     adamw, mars = adamw_vs_mars(scale=0.01, optimize_1d=optimize_1d)
@@ -380,7 +381,7 @@ def test_gamma_zero_is_adamw(optimize_1d):
         torch.testing.assert_close(m, a, rtol=1e-6, atol=1e-7)
 
 
-def test_gamma_zero_with_large_gradients_is_adamw_on_clipped_gradients():
+def test_gamma_zero_with_large_gradients_is_adamw_on_clipped_gradients(kernel_backend):
     adamw, mars = adamw_vs_mars(scale=3.0, optimize_1d=True)
     assert not torch.allclose(mars[0], adamw[0], rtol=1e-4)  # the per-tensor clip makes MARS differ ...
     adamw, mars = adamw_vs_mars(scale=3.0, optimize_1d=True, normalise_for_adamw=True)
@@ -393,7 +394,7 @@ def test_gamma_zero_with_large_gradients_is_adamw_on_clipped_gradients():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_previous_gradient_is_copied_not_aliased():
+def test_previous_gradient_is_copied_not_aliased(kernel_backend):
     # gradient buckets reused in place (DDP gradient_as_bucket_view, zero_grad(set_to_none=False)) must give the
     # same result as fresh gradients: the optimizer keeps its own copy of g_prev
     init, grads, _ = random_problem(seed=31)
@@ -431,7 +432,7 @@ def test_state_buffers(mars_type, keys_2d):
     ("group", 0.05, True),
     ("always", 0.0, True),  # official: weight_decay_1d whatever the group says
 ])
-def test_weight_decay_1d_mode(mode, group_wd, decays):
+def test_weight_decay_1d_mode(mode, group_wd, decays, kernel_backend):
     # a zero gradient leaves m = 0, so only the decay moves the parameter: p <- p * (1 - lr_1d * weight_decay_1d)
     b = nn.Parameter(torch.full((4,), 2.0, dtype=torch.float64))
     opt = MARS([{"params": [b], "weight_decay": group_wd}], lr=0.1, lr_1d=0.05, weight_decay_1d=0.2,
@@ -442,7 +443,7 @@ def test_weight_decay_1d_mode(mode, group_wd, decays):
     torch.testing.assert_close(b.detach(), torch.full((4,), want, dtype=torch.float64), rtol=1e-15, atol=0)
 
 
-def test_lr_1d_follows_the_scheduler():
+def test_lr_1d_follows_the_scheduler(kernel_backend):
     b = nn.Parameter(torch.full((3,), 1.0, dtype=torch.float64))
     opt = MARS([b], lr=0.1, lr_1d=0.05, weight_decay=0.01, weight_decay_1d=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # lr -> 0.05, so lr_1d -> 0.025
@@ -462,7 +463,7 @@ def test_defaults_are_the_official_ones():
     assert MARS([nn.Parameter(torch.ones(2))], mars_type="mars-lion").param_groups[0]["mars_type"] == "lion"
 
 
-def test_bfloat16_parameters():
+def test_bfloat16_parameters(kernel_backend):
     model = nn.Linear(8, 4).to(torch.bfloat16)
     for mars_type in ("adamw", "lion", "shampoo"):
         opt = MARS(model.parameters(), lr=1e-2, mars_type=mars_type)

@@ -41,13 +41,14 @@ def interpreting() -> bool:
 
 
 def use_triton(tensors: Sequence[Tensor], kernel: str) -> bool:
-    """Whether ``kernel`` runs its Triton implementation on ``tensors`` under the backend in force."""
+    """Whether ``kernel`` runs its Triton implementation on ``tensors`` (all its tensor arguments) under the backend
+    in force. "auto" keeps strided tensors (e.g. channels-last weights) on the torch path, which takes any layout."""
     backend = hfx.kernel_backend()
     if backend == "torch" or not tensors:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        return on_cuda and triton_available()
+        return on_cuda and triton_available() and all(t.is_contiguous() for t in tensors)
     if not triton_available():
         raise RuntimeError(f"the kernel backend is 'triton' but Triton is not installed here, so {kernel!r} cannot "
                            "run it: pip install 'hfx-kernels[triton]' (Linux), or set HFX_KERNELS=torch / auto")

@@ -11,6 +11,18 @@ KERNELS = {
     "adamw_step": ("hfx_kernels.adamw:adamw_step", "hfx_kernels.adamw:adamw_step_reference",
                    "multi-tensor AdamW: moments, bias correction, decoupled decay (before/after), clip coefficient",
                    FLOATS),
+    "mars_adamw_step": ("hfx_kernels.mars:mars_adamw_step", "hfx_kernels.mars:mars_step_reference",
+                        "MARS in two passes: corrected gradient and its norm (deterministic chunk partials), then clip, "
+                        "AdamW update and the copy of g into g_prev", FLOATS),
+    "mars_lion_step": ("hfx_kernels.mars:mars_lion_step", "hfx_kernels.mars:mars_step_reference",
+                       "MARS-Lion in two passes: corrected gradient and its norm, then clip, momentum, sign update",
+                       FLOATS),
+    "sign_sgd_step": ("hfx_kernels.sign_sgd:sign_sgd_step", "hfx_kernels.sign_sgd:sign_sgd_reference",
+                      "multi-tensor state-free step (signSGD or SGD) with decoupled decay (FRUGAL)", FLOATS),
+    "projection_update": ("hfx_kernels.projection:projection_update",
+                          "hfx_kernels.projection:projection_update_reference",
+                          "GEMM a@b with the weight update in its epilogue: scale, extra term (Fira's residual), "
+                          "decoupled decay before/after (GaLore 2, Fira)", FLOATS),
 }
 
 

@@ -119,7 +119,7 @@ if triton is not None:
         decay = tl.load(hyper + 4)
         if HAS_SCALE:
             scale = tl.load(grad_scale).to(C_DTYPE)
-        for off in range(0, CHUNK, BLOCK):
+        for off in range(0, tl.minimum(CHUNK, n - start), BLOCK):  # a small tensor's chunk stops early
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < n
             u = tl.load(g_ptr + idx, mask=mask, other=0.0).to(C_DTYPE)
@@ -204,7 +204,7 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     check_same_shapes({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                       "adamw_step")
     steps = _per_tensor(steps, len(params))
-    if use_triton(params, "adamw_step"):
+    if use_triton([*params, *grads, *exp_avgs, *exp_avg_sqs], "adamw_step"):
         impl = adamw_step_triton
     elif _torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale):
         _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps,
@@ -246,6 +246,6 @@ def adam_direction(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_
     check_same_shapes({"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, "adam_direction")
     out = list(out) if out is not None else [torch.empty_like(m) for m in exp_avgs]
     factors, eps_list = _scalars(len(grads), steps, 1.0, betas, eps, eps_mode, correct_bias)
-    impl = adamw_step_triton if use_triton(grads, "adam_direction") else adamw_step_reference
+    impl = adamw_step_triton if use_triton([*grads, *exp_avgs, *exp_avg_sqs, *out], "adam_direction") else adamw_step_reference
     impl(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas, out=out)
     return out, factors

@@ -31,6 +31,14 @@ def triton_runnable() -> tuple[bool, str]:
     return True, ""
 
 
+def triton_runnable_on_cpu() -> tuple[bool, str]:
+    """Whether Triton kernels can take CPU tensors here (only in its interpreter), and why not."""
+    ok, why = triton_runnable()
+    if ok and not interpreting():
+        return False, "Triton takes CPU tensors only in its interpreter (TRITON_INTERPRET=1); this machine has CUDA"
+    return ok, why
+
+
 def kernel_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

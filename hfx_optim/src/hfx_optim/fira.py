@@ -30,7 +30,16 @@ import torch
 from torch import Tensor
 
 from ._common import Steps, check_choice, check_number, per_param
-from .galore2 import PROJECTION_KEYS, GaLore2, adam_direction, apply_update, factory_signature, galore_adamw_step
+from .galore2 import (
+    PROJECTION_KEYS,
+    GaLore2,
+    _adam,
+    _check_lengths,
+    _direction_buffers,
+    back_project_update,
+    factory_signature,
+    galore_adamw_step,
+)
 from .projection import PROJ_TYPES, project, project_back
 from .targets import TARGET_FLAG, ModelOptimizerFactory
 
@@ -70,14 +79,24 @@ def fira_adamw_step(
     holding ``||S||`` of the previous step after limiting, ``inf`` before the first step (so the limiter passes
     it through, like the official "no previous norm" branch); it is updated in place when the limiter is on
     (``norm_growth_limit`` not None).
+
+    Kernels (:mod:`hfx_kernels`): one multi-tensor ``adam_direction`` over the projected gradients of all
+    parameters; per parameter, the residual, phi and the limiter in torch, then one ``projection_update`` applies
+    ``lr * c * (scale * back(N) + S)`` and the decay (``S`` as the GEMM epilogue's extra term).
     """
-    for p, g, m, v, left, right, prev, t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, lefts, rights, scaling_norms, per_param(step, len(params)), strict=True
-    ):
+    steps = per_param(step, len(params))
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "lefts": lefts, "rights": rights,
+             "scaling_norms": scaling_norms}
+    _check_lengths(len(params), lists)
+    for left, right in zip(lefts, rights):
         if (left is None) == (right is None):
             raise ValueError("fira_adamw_step needs exactly one basis (left or right) per parameter")
-        r = project(g, left, right)
-        n, c = adam_direction(r, m, v, t, betas=betas, eps=eps, correct_bias=correct_bias, eps_mode=eps_mode)
+    lows = [project(g, left, right) for g, left, right in zip(grads, lefts, rights)]
+    directions = _direction_buffers(exp_avgs)
+    factors = _adam(None, lows, exp_avgs, exp_avg_sqs, steps, betas=betas, eps=eps, eps_mode=eps_mode,
+                    correct_bias=correct_bias, out=directions)
+    for p, g, r, n, c, left, right, prev in zip(params, grads, lows, directions, factors, lefts, rights,
+                                                scaling_norms):
         in_subspace = project_back(r, left, right)
         res = g - in_subspace.mul_(scale) if residual == "official" else g - in_subspace
         # phi lives on the dimension the projection keeps whole: columns for R = L^T G, rows for R = G Rt^T. Chosen
@@ -91,8 +110,8 @@ def fira_adamw_step(
             limiter = (norm / (prev + _LIMITER_EPS)).clamp_(min=norm_growth_limit).div_(norm_growth_limit)
             s.div_(limiter)
             prev.copy_(norm / limiter)  # no host sync: the limiter stays a tensor
-        update = project_back(n, left, right).mul_(scale).add_(s)
-        apply_update(p, update, lr * c, lr=lr, weight_decay=weight_decay, decay_mode=decay_mode)
+        back_project_update(p, n, left, right, alpha=lr * c * scale, extra=s, beta=lr * c,
+                            decay=1.0 - lr * weight_decay, decay_mode=decay_mode)
 
 
 class Fira(GaLore2):

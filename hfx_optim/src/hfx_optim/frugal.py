@@ -34,8 +34,10 @@ generators seeded by integers kept in the optimizer state, not from the global R
 and every DDP rank picks the same subspace.
 
 The per-step math is the pure function :func:`frugal_step` over lists of tensors (with :func:`split_gradient`
-stating the split), so a fused kernel can replace it without touching :class:`FRUGAL`, which owns the state and the
-subspace refreshes.
+stating the split); :class:`FRUGAL` owns the state and the subspace refreshes. Its element-wise parts run on
+:mod:`hfx_kernels` multi-tensor kernels (AdamW, the Adam direction, the state-free signSGD/SGD step; Triton on CUDA,
+torch elsewhere, ``HFX_KERNELS`` forces one), in float32 (float64 for float64 parameters) whatever the storage
+dtype; projections, gathers and scatters stay torch.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from hfx_kernels.adamw import adam_direction, adamw_step
+from hfx_kernels.sign_sgd import sign_sgd_step
 
 from ._common import (
     Steps,
@@ -180,16 +185,17 @@ def split_gradient(grad: Tensor, sub: Subspace | None) -> tuple[Tensor, Tensor]:
     return full, torch.zeros_like(grad) if rest is None else rest
 
 
-def _adam_direction(r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: int, betas: tuple[float, float],
-                    eps: float) -> Tensor:
-    """Moments updated with ``r`` (in place); returns ``(M / bc1) / (sqrt(V) / sqrt(bc2) + eps)`` (torch's AdamW)."""
-    beta1, beta2 = betas
-    exp_avg.mul_(beta1).add_(r, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**t
-    bias_correction2 = 1.0 - beta2**t
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)
-    return exp_avg.div(denom).div_(bias_correction1)
+def _adamw_whole(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, lr_full, betas, eps, weight_decay) -> None:
+    """AdamW on whole tensors by the multi-tensor kernel: ``W = W * (1 - lr*wd) - lr_full * D`` (torch.optim.AdamW's
+    form), the decay with the unscaled ``lr`` and the update with ``lr_full = lr * s_p``."""
+    if lr_full == 0 and lr * weight_decay != 0:  # no update to carry the decay: moments only, then the decay
+        adam_direction(grads, exp_avgs, exp_avg_sqs, steps=steps, betas=betas, eps=eps, eps_mode="torch")
+        torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
+        return
+    # the kernel decays by 1 - lr_full * wd': wd' = wd * lr / lr_full keeps FRUGAL's unscaled-lr decay
+    decay = weight_decay if lr_full == lr or weight_decay == 0 else weight_decay * lr / lr_full
+    adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps=steps, lr=lr_full, betas=betas, eps=eps,
+               weight_decay=decay, eps_mode="torch", decay_mode="before")
 
 
 def frugal_step(
@@ -214,23 +220,51 @@ def frugal_step(
     with ``proj_params_lr_scale=1`` is plain AdamW) or None when it has no state-full part (a block-inactive tensor;
     its ``exp_avgs[i]``/``exp_avg_sqs[i]`` are then None). The moments have the shape of ``down(G)``. ``step`` is the
     bias-correction step t >= 1 (after incrementing), one int or one per parameter (ignored for None subspaces).
+
+    The element-wise parts run on :mod:`hfx_kernels` (Triton on CUDA, torch elsewhere; ``HFX_KERNELS`` forces one),
+    each a multi-tensor call over the list: whole tensors take :func:`hfx_kernels.adamw.adamw_step`; the state-free
+    parts take :func:`hfx_kernels.sign_sgd.sign_sgd_step`, which also applies the decay; the subspace moments and
+    directions take :func:`hfx_kernels.adamw.adam_direction`. ``down``/``up`` (projections, gathers, scatters) are
+    torch.
     """
-    steps = per_param(step, len(params))
+    n = len(params)
+    steps = per_param(step, n)
+    for name, values in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                         ("subspaces", subspaces)):
+        if len(values) != n:
+            raise ValueError(f"frugal_step: {name} has {len(values)} entries for {n} parameters")
     lr_full = lr * proj_params_lr_scale
-    lr_free = lr_full * inactive_lr_scale
-    for p, g, m, v, sub, t in zip(params, grads, exp_avgs, exp_avg_sqs, subspaces, steps, strict=True):
-        if weight_decay != 0:
-            p.mul_(1.0 - lr * weight_decay)
+    whole, split, lows, free_p, free_g, decay_only = [], [], [], [], [], []
+    for i, (p, g, sub) in enumerate(zip(params, grads, subspaces)):
+        if sub is not None and sub.whole:
+            whole.append(i)
+            continue
         low = None
         if sub is not None:
             low = _down(g, sub)
-            direction = _adam_direction(low, m, v, t, betas, eps)
-            p.add_(direction if sub.whole else _up(direction, sub, p.shape), alpha=-lr_full)
-        if inactive_update_rule == "no":
-            continue
-        rest = _state_free_part(g, sub, low)
-        if rest is not None:
-            p.add_(rest.sign() if inactive_update_rule == "sign_sgd" else rest, alpha=-lr_free)
+            split.append(i)
+            lows.append(low)
+        rest = None if inactive_update_rule == "no" else _state_free_part(g, sub, low)
+        if rest is None:
+            decay_only.append(p)
+        else:
+            free_p.append(p)
+            free_g.append(rest)
+    if whole:
+        _adamw_whole(*([lst[i] for i in whole] for lst in (params, grads, exp_avgs, exp_avg_sqs, steps)), lr=lr,
+                     lr_full=lr_full, betas=betas, eps=eps, weight_decay=weight_decay)
+    # the state-free part, with the decay: W = W * (1 - lr * wd) - lr * s_p * s_i * f(G - up(down(G)))
+    if free_p:
+        sign_sgd_step(free_p, free_g, lr=lr, weight_decay=weight_decay,
+                      lr_scale=proj_params_lr_scale * inactive_lr_scale, rule=inactive_update_rule)
+    if decay_only and weight_decay != 0:
+        torch._foreach_mul_(decay_only, 1.0 - lr * weight_decay)
+    # the state-full part: moments and N = M / (sqrt(V) + eps') by the kernel, W -= lr_full * c * up(N) in torch
+    if split:
+        directions, factors = adam_direction(lows, [exp_avgs[i] for i in split], [exp_avg_sqs[i] for i in split],
+                                             steps=[steps[i] for i in split], betas=betas, eps=eps, eps_mode="torch")
+        for i, direction, c in zip(split, directions, factors, strict=True):
+            params[i].add_(_up(direction, subspaces[i], params[i].shape), alpha=-lr_full * c)
 
 
 def subspace_size(subspace: str, shape: Sequence[int], density: float, proj_side: str = "std") -> int:

@@ -15,19 +15,26 @@ The update is the official GaLore-AdamW rule (hfx optimizer spec §3.1); GaLore 
 
 Other parameters take the same AdamW rule on the full gradient (no projection, no ``scale``).
 
-The per-step math is the pure function :func:`galore_adamw_step` over lists of tensors, so a fused kernel can
-replace it without touching :class:`GaLore2`, which only owns the state and the subspace refreshes.
+The per-step math is the pure function :func:`galore_adamw_step` over lists of tensors; :class:`GaLore2` only owns
+the state and the subspace refreshes. It runs on :mod:`hfx_kernels` (Triton on CUDA, torch elsewhere; ``HFX_KERNELS``
+chooses): one multi-tensor Adam over the projected gradients of the step, then per matrix one GEMM whose epilogue
+applies the scaled back-projection and the decay (:func:`hfx_kernels.projection.projection_update`), so
+``P N`` is never materialised. The projection ``R = P^T G`` and the subspace refresh stay in torch.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from hfx_kernels._backend import compute_dtype
+from hfx_kernels.adamw import adam_direction as kernel_adam_direction
+from hfx_kernels.adamw import adam_scalars, adamw_step, adamw_step_reference
+from hfx_kernels.projection import projection_update
 
 from ._common import (
     Steps,
@@ -52,7 +59,6 @@ from .projection import (
     compute_projectors,
     low_rank_shape,
     project,
-    project_back,
     projection_sides,
     sketch_seed,
 )
@@ -67,6 +73,7 @@ __all__ = [
     "GaLore2Factory",
     "adam_direction",
     "apply_update",
+    "back_project_update",
     "galore_adamw_step",
 ]
 
@@ -83,6 +90,65 @@ PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "over
 # --------------------------------------------------------------------------------------------------
 
 
+def _kernel_ready(*tensors: Tensor) -> bool:
+    """Whether the multi-tensor kernels can take these tensors (they index flat, contiguous, local storage)."""
+    return all(t.is_contiguous() and not is_dtensor(t) for t in tensors)
+
+
+def _adam(params: Sequence[Tensor] | None, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+          exp_avg_sqs: Sequence[Tensor], steps: Sequence[int], *, betas: tuple[float, float], eps: float,
+          eps_mode: str, correct_bias: bool, lr: float = 1.0, weight_decay: float = 0.0, decay_mode: str = "before",
+          out: Sequence[Tensor] | None = None) -> list[float]:
+    """One multi-tensor Adam pass: :func:`hfx_kernels.adamw.adamw_step` on ``params`` or, with ``params=None``,
+    :func:`hfx_kernels.adamw.adam_direction` into ``out``; returns the per-tensor factors ``c`` of the directions.
+    Tensors the kernels cannot take (strided, e.g. channels-last; DTensors) take the kernels' torch reference."""
+    n = len(grads)
+    targets = out if params is None else params
+    is_ready = [_kernel_ready(targets[i], grads[i], exp_avgs[i], exp_avg_sqs[i]) for i in range(n)]
+    ready = [i for i in range(n) if is_ready[i]]
+    rest = [i for i in range(n) if not is_ready[i]]
+    factors = [0.0] * n
+    pick = lambda tensors, idx: [tensors[i] for i in idx]  # noqa: E731
+    adam_kw = dict(betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
+    if ready:
+        args = (pick(grads, ready), pick(exp_avgs, ready), pick(exp_avg_sqs, ready))
+        if params is None:
+            _, cs = kernel_adam_direction(*args, steps=pick(steps, ready), out=pick(out, ready), **adam_kw)
+            for i, c in zip(ready, cs):
+                factors[i] = c
+        else:
+            adamw_step(pick(params, ready), *args, steps=pick(steps, ready), lr=lr, weight_decay=weight_decay,
+                       decay_mode=decay_mode, **adam_kw)
+    if rest:
+        scalars = [adam_scalars(steps[i], lr=lr, **adam_kw) for i in rest]
+        adamw_step_reference(None if params is None else pick(params, rest), pick(grads, rest), pick(exp_avgs, rest),
+                             pick(exp_avg_sqs, rest), step_sizes=[st for st, _ in scalars],
+                             eps=[e for _, e in scalars], betas=betas, decay=1.0 - lr * weight_decay,
+                             decay_mode=decay_mode, out=None if out is None else pick(out, rest))
+        for i, (st, _) in zip(rest, scalars):
+            factors[i] = st
+    return factors
+
+
+def _direction_buffers(exp_avgs: Sequence[Tensor]) -> list[Tensor]:
+    """Where the Adam directions go: float32 (float64 for float64 moments), so bf16/fp16 moments do not round them."""
+    return [torch.empty(m.shape, dtype=compute_dtype(m.dtype), device=m.device) for m in exp_avgs]
+
+
+def back_project_update(p: Tensor, direction: Tensor, left: Tensor | None, right: Tensor | None, *, alpha: float,
+                        decay: float, decay_mode: str, extra: Tensor | None = None, beta: float = 1.0) -> None:
+    """``p <- p * decay - (alpha * back(direction) + beta * extra)`` (decay ``decay_mode`` the update) through
+    :func:`hfx_kernels.projection.projection_update`: ``back`` is ``L N`` (``a = L``, ``b = N``), ``N Rt``
+    (``a = N``, ``b = Rt``) or, two-sided, ``(L N) Rt`` with ``L N`` formed in torch."""
+    if left is not None and right is not None:
+        a, b = left.to(direction.dtype) @ direction, right
+    elif left is not None:
+        a, b = left, direction
+    else:
+        a, b = direction, right
+    projection_update(p, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
+
+
 def adam_direction(r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: int, *, betas: tuple[float, float], eps: float,
                    correct_bias: bool = True, eps_mode: str = "hf") -> tuple[Tensor, float]:
     """Update the moments with ``r`` (in place) and return ``(N, c)`` such that the Adam step is ``-lr * c * N``.
@@ -90,27 +156,35 @@ def adam_direction(r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: int, *, be
     ``N = M / (sqrt(V) + eps')`` and ``c = sqrt(1 - b2^t) / (1 - b1^t)`` (both factors 1 without ``correct_bias``),
     with ``eps' = eps`` for ``eps_mode="hf"`` (official GaLore/Fira and transformers' legacy AdamW) and
     ``eps' = eps * sqrt(1 - b2^t)`` for ``eps_mode="torch"``, which makes ``c * N`` equal to torch.optim.AdamW's
-    ``M / (1 - b1^t) / (sqrt(V / (1 - b2^t)) + eps)``.
+    ``M / (1 - b1^t) / (sqrt(V / (1 - b2^t)) + eps)``. ``N`` is float32 (float64 for float64 moments).
+    One tensor of :func:`hfx_kernels.adamw.adam_direction`; :func:`galore_adamw_step` calls that once per step for
+    all tensors.
     """
-    beta1, beta2 = betas
-    exp_avg.mul_(beta1).add_(r, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**t if correct_bias else 1.0
-    bias_correction2 = 1.0 - beta2**t if correct_bias else 1.0
-    eps_eff = eps if eps_mode == "hf" else eps * math.sqrt(bias_correction2)
-    direction = exp_avg / exp_avg_sq.sqrt().add_(eps_eff)
-    return direction, math.sqrt(bias_correction2) / bias_correction1
+    out = _direction_buffers([exp_avg])
+    (c,) = _adam(None, [r], [exp_avg], [exp_avg_sq], [t], betas=betas, eps=eps, eps_mode=eps_mode,
+                 correct_bias=correct_bias, out=out)
+    return out[0], c
 
 
 def apply_update(p: Tensor, update: Tensor, step_size: float, *, lr: float, weight_decay: float,
                  decay_mode: str = "after") -> None:
     """``p -= step_size * update`` with decoupled decay ``p *= 1 - lr * weight_decay`` applied after the update
-    (``decay_mode="after"``, official GaLore/Fira) or before it (``"before"``, torch.optim.AdamW)."""
+    (``decay_mode="after"``, official GaLore/Fira) or before it (``"before"``, torch.optim.AdamW).
+
+    One pass, rounded once: :func:`hfx_kernels.projection.projection_update` with rank 0 (its epilogue alone) for
+    1-D and 2-D tensors; torch for others and for DTensors."""
+    decay = 1.0 - lr * weight_decay
+    if p.ndim <= 2 and not is_dtensor(p) and not is_dtensor(update):
+        w, u = (p, update) if p.ndim == 2 else (p.view(1, -1), update.reshape(1, -1))
+        empty = torch.empty(w.shape[0], 0, dtype=w.dtype, device=w.device)
+        projection_update(w, empty, empty.new_empty(0, w.shape[1]), extra=u, beta=step_size, decay=decay,
+                          decay_mode=decay_mode)
+        return
     if weight_decay != 0 and decay_mode == "before":
-        p.mul_(1.0 - lr * weight_decay)
+        p.mul_(decay)
     p.add_(update.to(p.dtype), alpha=-step_size)
     if weight_decay != 0 and decay_mode == "after":
-        p.mul_(1.0 - lr * weight_decay)
+        p.mul_(decay)
 
 
 def galore_adamw_step(
@@ -137,15 +211,37 @@ def galore_adamw_step(
     both None the parameter takes plain AdamW on its full gradient and ``scale`` does not apply. ``exp_avgs`` and
     ``exp_avg_sqs`` have the projected shape. ``step`` is the bias-correction step t >= 1, one int or one per
     parameter.
+
+    Kernels (:mod:`hfx_kernels`, Triton on CUDA, torch elsewhere): the non-projected parameters take one multi-tensor
+    ``adamw_step``; the projected ones are projected in torch (``R = P^T G``), take one multi-tensor
+    ``adam_direction`` on the R's, and each is back-projected, scaled and decayed by one ``projection_update``
+    (GEMM with the update in its epilogue).
     """
-    for p, g, m, v, left, right, t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, lefts, rights, per_param(step, len(params)), strict=True
-    ):
-        projected = left is not None or right is not None
-        r = project(g, left, right) if projected else g
-        n, c = adam_direction(r, m, v, t, betas=betas, eps=eps, correct_bias=correct_bias, eps_mode=eps_mode)
-        update = project_back(n, left, right).mul_(scale) if projected else n
-        apply_update(p, update, lr * c, lr=lr, weight_decay=weight_decay, decay_mode=decay_mode)
+    steps = per_param(step, len(params))
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "lefts": lefts, "rights": rights}
+    _check_lengths(len(params), lists)
+    plain = [i for i in range(len(params)) if lefts[i] is None and rights[i] is None]
+    projected = [i for i in range(len(params)) if lefts[i] is not None or rights[i] is not None]
+    common = dict(betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
+    if plain:
+        _adam([params[i] for i in plain], [grads[i] for i in plain], [exp_avgs[i] for i in plain],
+              [exp_avg_sqs[i] for i in plain], [steps[i] for i in plain], lr=lr, weight_decay=weight_decay,
+              decay_mode=decay_mode, **common)
+    if not projected:
+        return
+    lows = [project(grads[i], lefts[i], rights[i]) for i in projected]
+    ms, vs = [exp_avgs[i] for i in projected], [exp_avg_sqs[i] for i in projected]
+    directions = _direction_buffers(ms)
+    factors = _adam(None, lows, ms, vs, [steps[i] for i in projected], out=directions, **common)
+    for i, n, c in zip(projected, directions, factors):
+        back_project_update(params[i], n, lefts[i], rights[i], alpha=lr * c * scale, decay=1.0 - lr * weight_decay,
+                            decay_mode=decay_mode)
+
+
+def _check_lengths(n: int, lists: dict[str, Sequence]) -> None:
+    for name, values in lists.items():
+        if len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries for {n} parameters")
 
 
 # --------------------------------------------------------------------------------------------------

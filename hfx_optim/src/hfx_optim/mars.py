@@ -3,8 +3,11 @@
 Paper: "MARS: Unleashing the Power of Variance Reduction for Training Large Models", arXiv 2411.10438.
 
 The update is written as pure per-step functions over lists of tensors (:func:`mars_adamw_step`,
-:func:`mars_lion_step`, :func:`mars_shampoo_step`, :func:`adamw_1d_step`), so that a fused multi-tensor kernel can
-replace the inner loop later without touching :class:`MARS`, which only gathers the lists and owns the state.
+:func:`mars_lion_step`, :func:`mars_shampoo_step`, :func:`adamw_1d_step`); :class:`MARS` only gathers the lists and
+owns the state. They run on :mod:`hfx_kernels`: the two-pass multi-tensor MARS kernel (:mod:`hfx_kernels.mars`) and
+the AdamW kernel (:mod:`hfx_kernels.adamw`), Triton on CUDA and torch elsewhere (``HFX_KERNELS`` forces one);
+MARS-Shampoo's Newton–Schulz step stays in torch. Element-wise arithmetic is float32 (float64 for float64
+parameters) whatever the storage dtype.
 
 For a parameter on the MARS path (a 2-D tensor, or every tensor with ``optimize_1d=True``), at step ``t >= 1``::
 
@@ -29,6 +32,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from hfx_kernels import mars as kernels
+from hfx_kernels.adamw import adamw_step
 
 from ._common import (
     Steps,
@@ -82,18 +88,6 @@ def _corrected(g: Tensor, g_prev: Tensor, *, gamma: float, beta1: float, store_g
     return c
 
 
-def _adam_update(p: Tensor, u: Tensor, m: Tensor, v: Tensor, t: int, *, lr, beta1, beta2, eps, weight_decay) -> None:
-    """p <- p - lr*wd*p - lr * (m/bc1) / (sqrt(v/bc2) + eps), after the moment updates with ``u``."""
-    m.mul_(beta1).add_(u, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(u, u, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**t
-    bias_correction2 = 1.0 - beta2**t
-    denom = v.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)  # eps outside the bias correction (official)
-    if weight_decay != 0:
-        p.mul_(1.0 - lr * weight_decay)  # decoupled, applied to the pre-update parameter
-    p.addcdiv_(m, denom, value=-lr / bias_correction1)
-
-
 def mars_adamw_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -109,18 +103,16 @@ def mars_adamw_step(
     weight_decay: float,
     store_grads: bool = True,
 ) -> None:
-    """One MARS-AdamW step on every tensor of ``params`` (in place).
+    """One MARS-AdamW step on every tensor of ``params`` (in place), by the multi-tensor MARS kernel
+    (:func:`hfx_kernels.mars.mars_adamw_step`: Triton on CUDA, torch elsewhere; ``HFX_KERNELS`` forces one).
 
     ``step`` is the step number t >= 1 (after incrementing), one int for all or one per parameter. ``prev_grads``
     holds g_prev (zeros at t = 1). With ``store_grads`` (approximate MARS) each ``grads[i]`` is copied into
     ``prev_grads[i]`` after use, for the next step.
     """
-    beta1, beta2 = betas
-    for p, g, g_prev, m, v, t in zip(
-        params, grads, prev_grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True
-    ):
-        c = _corrected(g, g_prev, gamma=gamma, beta1=beta1, store_grads=store_grads)
-        _adam_update(p, c, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    kernels.mars_adamw_step(params, grads, prev_grads, exp_avgs, exp_avg_sqs, steps=per_param(step, len(params)),
+                            lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay,
+                            store_grads=store_grads)
 
 
 def mars_lion_step(
@@ -135,17 +127,13 @@ def mars_lion_step(
     weight_decay: float,
     store_grads: bool = True,
 ) -> None:
-    """One MARS-Lion step (in place): ``m = beta1*m + (1-beta1)*c``, ``p -= lr*(wd*p + sign(m))``.
+    """One MARS-Lion step (in place): ``m = beta1*m + (1-beta1)*c``, ``p -= lr*(wd*p + sign(m))``, by the
+    multi-tensor MARS kernel (:func:`hfx_kernels.mars.mars_lion_step`).
 
     Only ``betas[0]`` is used; no second moment is kept (the official code allocates one it never reads).
     """
-    beta1 = betas[0]
-    for p, g, g_prev, m in zip(params, grads, prev_grads, exp_avgs, strict=True):
-        c = _corrected(g, g_prev, gamma=gamma, beta1=beta1, store_grads=store_grads)
-        m.mul_(beta1).add_(c, alpha=1.0 - beta1)
-        if weight_decay != 0:
-            p.mul_(1.0 - lr * weight_decay)
-        p.add_(m.sign(), alpha=-lr)
+    kernels.mars_lion_step(params, grads, prev_grads, exp_avgs, lr=lr, betas=betas, gamma=gamma,
+                           weight_decay=weight_decay, store_grads=store_grads)
 
 
 def newton_schulz5(x: Tensor, *, steps: int = 5, eps: float = 1e-8, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -185,15 +173,19 @@ def mars_shampoo_step(
 ) -> None:
     """One MARS-Shampoo step (in place). A 2-D parameter moves by
     ``-lr * (NS5(m/(1-beta1)) * sqrt(max(1, rows/cols)) + wd*p)`` (``exp_avg_sqs[i]`` may be None for it); any other
-    shape takes the MARS-AdamW update on ``c`` with its ``exp_avg_sqs[i]``."""
-    beta1, beta2 = betas
-    for p, g, g_prev, m, v, t in zip(
-        params, grads, prev_grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True
-    ):
-        c = _corrected(g, g_prev, gamma=gamma, beta1=beta1, store_grads=store_grads)
+    shape takes the MARS-AdamW update on ``c`` with its ``exp_avg_sqs[i]`` (all of them in one call of the MARS
+    kernel)."""
+    beta1 = betas[0]
+    steps = per_param(step, len(params))
+    others = [i for i, p in enumerate(params) if p.ndim != 2]
+    if others:
+        lists = [[lst[i] for i in others] for lst in (params, grads, prev_grads, exp_avgs, exp_avg_sqs)]
+        mars_adamw_step(*lists, step=[steps[i] for i in others], lr=lr, betas=betas, gamma=gamma, eps=eps,
+                        weight_decay=weight_decay, store_grads=store_grads)
+    for p, g, g_prev, m in zip(params, grads, prev_grads, exp_avgs, strict=True):
         if p.ndim != 2:
-            _adam_update(p, c, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
             continue
+        c = _corrected(g, g_prev, gamma=gamma, beta1=beta1, store_grads=store_grads)
         m.mul_(beta1).add_(c, alpha=1.0 - beta1)
         direction = newton_schulz5(m / (1.0 - beta1), steps=ns_steps, eps=eps, dtype=ns_dtype).to(p.dtype)
         scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
@@ -215,10 +207,10 @@ def adamw_1d_step(
     weight_decay: float,
 ) -> None:
     """AdamW on the raw gradient for the parameters MARS leaves to AdamW (in place), in the official MARS form:
-    ``p -= lr*wd*p + lr * (m/bc1) / (sqrt(v/bc2) + eps)``, which is also ``torch.optim.AdamW``'s."""
-    beta1, beta2 = betas
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True):
-        _adam_update(p, g, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    ``p -= lr*wd*p + lr * (m/bc1) / (sqrt(v/bc2) + eps)``, which is also ``torch.optim.AdamW``'s; by the multi-tensor
+    AdamW kernel (:func:`hfx_kernels.adamw.adamw_step`, ``eps_mode="torch"``, ``decay_mode="before"``)."""
+    adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps=per_param(step, len(params)), lr=lr, betas=betas, eps=eps,
+               weight_decay=weight_decay, eps_mode="torch", decay_mode="before")
 
 
 # --------------------------------------------------------------------------------------------------
