@@ -72,12 +72,8 @@ def adamw_case(total: int, device) -> Case:
     p = tensor_set(total, device)
     g, m, v = ([torch.rand_like(x) for x in p] for _ in range(3))
     kw = dict(steps=10, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    anchor_params = [torch.nn.Parameter(x.clone()) for x in p]
-    for a, gi in zip(anchor_params, g):
-        a.grad = gi
-    fused = torch.optim.AdamW(anchor_params, lr=1e-3, weight_decay=0.01, fused=True)
     scalars = K._scalars(len(p), 10, 1e-3, (0.9, 0.999), 1e-8, "torch", True)
-    runs = {"torch": lambda: K.adamw_step(p, g, m, v, **kw), "adamw fused": fused.step}
+    runs = {"torch": lambda: K.adamw_step(p, g, m, v, **kw), "adamw fused": fused_adamw(p, g)}
     if device.type == "cuda":
         runs["triton"] = lambda: K.adamw_step_triton(p, g, m, v, step_sizes=scalars[0], eps=scalars[1],
                                                      betas=(0.9, 0.999), decay=1 - 1e-5)
@@ -85,7 +81,71 @@ def adamw_case(total: int, device) -> Case:
     return Case("adamw_step", f"{n / 1e6:.0f}M in {len(p)} tensors", n, 28 * n, runs, "adamw fused")
 
 
-CASES = {"adamw_step": adamw_case}
+def fused_adamw(p, g):
+    """The anchor: torch.optim.AdamW(fused=True) over copies of ``p`` with gradients ``g``."""
+    params = [torch.nn.Parameter(x.clone()) for x in p]
+    for a, gi in zip(params, g):
+        a.grad = gi
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True).step
+
+
+def mars_case(total: int, device) -> Case:
+    from hfx_kernels import mars as K
+
+    p = tensor_set(total, device)
+    g, gp, m, v = ([torch.rand_like(x) for x in p] for _ in range(4))
+    kw = dict(steps=10, lr=1e-3, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_decay=0.01)
+    runs = {"torch": lambda: K.mars_adamw_step(p, g, gp, m, v, **kw), "adamw fused": fused_adamw(p, g)}
+    if device.type == "cuda":
+        scal = [K.adam_scalars(10, lr=1e-3, betas=(0.95, 0.99), eps=1e-8)] * len(p)
+        runs["triton"] = lambda: K.mars_step_triton(p, g, gp, m, v, k=K.mars_k(0.025, 0.95), betas=(0.95, 0.99),
+                                                    step_sizes=[a for a, _ in scal], eps=[e for _, e in scal],
+                                                    decay=1 - 1e-5)
+    n = sum(x.numel() for x in p)
+    return Case("mars_adamw_step", f"{n / 1e6:.0f}M in {len(p)} tensors", n, 44 * n, runs, "adamw fused")
+
+
+def sign_sgd_case(total: int, device) -> Case:
+    from hfx_kernels import sign_sgd as K
+
+    p = tensor_set(total, device)
+    g = [torch.randn_like(x) for x in p]
+    runs = {"torch": lambda: K.sign_sgd_step(p, g, lr=1e-3, weight_decay=0.01),
+            "foreach (eager)": lambda: (torch._foreach_mul_(p, 1 - 1e-5),
+                                        torch._foreach_add_(p, torch._foreach_sign(g), alpha=-1e-3))}
+    if device.type == "cuda":
+        runs["triton"] = lambda: K.sign_sgd_triton(p, g, step=1e-3, decay=1 - 1e-5)
+    n = sum(x.numel() for x in p)
+    return Case("sign_sgd_step", f"{n / 1e6:.0f}M in {len(p)} tensors", n, 12 * n, runs, "foreach (eager)")
+
+
+def projection_case(total: int, device) -> Case:
+    from hfx_kernels import projection as K
+
+    rows = 4096 if device.type == "cuda" else 1024
+    cols, rank = total // 4 // rows, rows // 32  # a quarter of the set as one matrix, rank = rows/32
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(rows, cols, generator=gen, device=device)
+    a = torch.randn(rows, rank, generator=gen, device=device)
+    b = torch.randn(rank, cols, generator=gen, device=device)
+
+    def official():  # GaLore's code: materialise U = P N, scale it, add it, then decay in its own pass
+        u = a @ b
+        u.mul_(1e-3)
+        w.add_(-u)
+        w.mul_(1 - 1e-5)
+
+    runs = {"torch": lambda: K.projection_update(w, a, b, alpha=1e-3, decay=1 - 1e-5, decay_mode="after"),
+            "official (4 passes)": official}
+    if device.type == "cuda":
+        runs["triton"] = lambda: K.projection_update_triton(w, a, b, alpha=1e-3, decay=1 - 1e-5, decay_mode="after")
+    n = w.numel()
+    return Case("projection_update", f"{rows}×{cols}, r={rank}", n, 8 * n + 4 * (a.numel() + b.numel()), runs,
+                "official (4 passes)")
+
+
+CASES = {"adamw_step": adamw_case, "mars_adamw_step": mars_case, "sign_sgd_step": sign_sgd_case,
+         "projection_update": projection_case}
 
 
 def report(cases: list[Case], device, peak: float | None) -> list[str]:

@@ -206,8 +206,8 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     steps = _per_tensor(steps, len(params))
     if use_triton([*params, *grads, *exp_avgs, *exp_avg_sqs], "adamw_step"):
         impl = adamw_step_triton
-    elif _torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale):
-        _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps,
+    elif torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale):
+        torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps,
                            weight_decay=weight_decay)
         return
     else:
@@ -217,7 +217,7 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
          decay=1.0 - lr * weight_decay, decay_mode=decay_mode, grad_scale=grad_scale)
 
 
-def _torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale) -> bool:
+def torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale) -> bool:
     """Whether torch's own fused AdamW kernel computes exactly this step: torch.optim.AdamW's form, one dtype for
     parameter, gradient and moments, no gradient scale (torch's divides instead of multiplying)."""
     if (eps_mode, decay_mode, correct_bias, grad_scale) != ("torch", "before", True, None) or not params:
@@ -229,7 +229,7 @@ def _torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_m
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay) -> None:
+def torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay) -> None:
     """The torch path's fast form: ``torch._fused_adamw_``, the kernel behind ``torch.optim.AdamW(fused=True)``."""
     state_steps = [torch.tensor(float(t), device=p.device) for p, t in zip(params, steps)]
     torch._fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], state_steps, lr=lr,

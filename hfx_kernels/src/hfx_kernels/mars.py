@@ -44,7 +44,7 @@ from hfx_kernels._backend import (
     triton,
     use_triton,
 )
-from hfx_kernels.adamw import adam_scalars
+from hfx_kernels.adamw import adam_scalars, torch_fused_adamw, torch_fused_applies
 
 UPDATES = ("adamw", "lion")
 
@@ -223,10 +223,40 @@ def mars_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grad
         raise ValueError(f"mars_step: steps has {len(steps)} entries for {len(params)} tensors")
     pairs = [adam_scalars(t, lr=lr, betas=betas, eps=eps, eps_mode="torch") for t in steps]
     tensors = [*params, *grads, *prev_grads, *exp_avgs, *exp_avg_sqs]
-    impl = mars_step_triton if use_triton(tensors, "mars_step") else mars_step_reference
+    if use_triton(tensors, "mars_step"):
+        impl = mars_step_triton
+    elif _fast_torch_applies(params, grads, prev_grads, exp_avgs, exp_avg_sqs):
+        _mars_adamw_fast_torch(params, grads, prev_grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas,
+                               gamma=gamma, eps=eps, weight_decay=weight_decay, store_grads=store_grads)
+        return
+    else:
+        impl = mars_step_reference
     impl(params, grads, prev_grads, exp_avgs, exp_avg_sqs, k=mars_k(gamma, betas[0]), betas=betas,
          step_sizes=[s for s, _ in pairs], eps=[e for _, e in pairs], decay=1.0 - lr * weight_decay,
          update="adamw", store_grads=store_grads)
+
+
+def _fast_torch_applies(params, grads, prev_grads, exp_avgs, exp_avg_sqs) -> bool:
+    """Whether the torch path can run in multi-tensor form: float32/float64 storage throughout (the reference computes
+    bf16/fp16 tensors in float32, which foreach ops on them would not)."""
+    return (torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, "torch", "before", True, None)
+            and all(p.dtype in (torch.float32, torch.float64) and p.dtype == gp.dtype
+                    for p, gp in zip(params, prev_grads)))
+
+
+def _mars_adamw_fast_torch(params, grads, prev_grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, gamma, eps,
+                           weight_decay, store_grads) -> None:
+    """The torch path in multi-tensor form: ``c = (1+k) g - k g_prev`` and its norm clip by foreach ops, then torch's
+    fused AdamW kernel on ``c`` (the same formula as :func:`mars_step_reference`, a few times faster on the CPU)."""
+    k = mars_k(gamma, betas[0])
+    c = torch._foreach_mul(list(grads), 1.0 + k)
+    torch._foreach_add_(c, list(prev_grads), alpha=-k)
+    norms = torch._foreach_norm(c)
+    torch._foreach_clamp_min_(norms, 1.0)
+    torch._foreach_div_(c, norms)
+    if store_grads:
+        torch._foreach_copy_(list(prev_grads), list(grads))
+    torch_fused_adamw(params, c, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def mars_lion_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grads: Sequence[Tensor],
