@@ -78,7 +78,7 @@ def adamw_case(total: int, device) -> Case:
         runs["triton"] = lambda: K.adamw_step_triton(p, g, m, v, step_sizes=scalars[0], eps=scalars[1],
                                                      betas=(0.9, 0.999), decay=1 - 1e-5)
     n = sum(x.numel() for x in p)
-    return Case("adamw_step", f"{n / 1e6:.0f}M in {len(p)} tensors", n, 28 * n, runs, "adamw fused")
+    return Case("adamw_step", f"{n / 1e6:.1f}M in {len(p)} tensors", n, 28 * n, runs, "adamw fused")
 
 
 def fused_adamw(p, g):
@@ -102,7 +102,7 @@ def mars_case(total: int, device) -> Case:
                                                     step_sizes=[a for a, _ in scal], eps=[e for _, e in scal],
                                                     decay=1 - 1e-5)
     n = sum(x.numel() for x in p)
-    return Case("mars_adamw_step", f"{n / 1e6:.0f}M in {len(p)} tensors", n, 44 * n, runs, "adamw fused")
+    return Case("mars_adamw_step", f"{n / 1e6:.1f}M in {len(p)} tensors", n, 44 * n, runs, "adamw fused")
 
 
 def sign_sgd_case(total: int, device) -> Case:
@@ -116,7 +116,7 @@ def sign_sgd_case(total: int, device) -> Case:
     if device.type == "cuda":
         runs["triton"] = lambda: K.sign_sgd_triton(p, g, step=1e-3, decay=1 - 1e-5)
     n = sum(x.numel() for x in p)
-    return Case("sign_sgd_step", f"{n / 1e6:.0f}M in {len(p)} tensors", n, 12 * n, runs, "foreach (eager)")
+    return Case("sign_sgd_step", f"{n / 1e6:.1f}M in {len(p)} tensors", n, 12 * n, runs, "foreach (eager)")
 
 
 def projection_case(total: int, device) -> Case:
@@ -144,8 +144,30 @@ def projection_case(total: int, device) -> Case:
                 "official (4 passes)")
 
 
+def requantize_case(total: int, device) -> Case:
+    from hfx_kernels import quantize as K
+
+    side = int((total // 4) ** 0.5) // 128 * 128  # a quarter of the set as one square matrix
+    theta = torch.randn(side, side, device=device)
+    param = theta.to(torch.bfloat16)
+    scale = torch.empty(K.scale_shape(theta.shape, "block", 128), device=device)
+    work = theta.clone()
+
+    def run(impl):
+        work.copy_(theta)  # requantize overwrites theta with the error; the copy is timed for every path alike
+        impl(param, work, scale, fmt="int8", scale_mode="block", block_size=128)
+
+    runs = {"torch": lambda: run(K.requantize)}
+    if device.type == "cuda":
+        runs["triton"] = lambda: run(K.requantize_triton)
+    n = theta.numel()
+    # floor: read theta (4), write the bf16 weight (2) and the error (4); the benchmark's copy adds 8
+    return Case("requantize (int8, block 128, bf16 weight, + an 8 B copy)", f"{side}×{side}", n, 18 * n, runs,
+                "torch")
+
+
 CASES = {"adamw_step": adamw_case, "mars_adamw_step": mars_case, "sign_sgd_step": sign_sgd_case,
-         "projection_update": projection_case}
+         "projection_update": projection_case, "requantize": requantize_case}
 
 
 def report(cases: list[Case], device, peak: float | None) -> list[str]:

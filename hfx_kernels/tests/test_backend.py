@@ -71,7 +71,8 @@ def test_without_triton_everything_imports_and_runs_on_torch(tmp_path):
 
 def test_every_kernel_is_registered_with_an_implementation_and_a_reference(isolated):
     kernels = hfx.get_registry().contributions("kernel")
-    assert {"adamw_step", "mars_adamw_step", "mars_lion_step", "sign_sgd_step", "projection_update"} <= {
+    assert {"adamw_step", "mars_adamw_step", "mars_lion_step", "sign_sgd_step", "projection_update",
+                                  "requantize", "quantize", "dequantize"} <= {
         k.name for k in kernels}
     for k in kernels:
         assert k.available and k.plugin == "kernels"

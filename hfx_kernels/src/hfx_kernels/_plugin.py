@@ -23,6 +23,13 @@ KERNELS = {
                           "hfx_kernels.projection:projection_update_reference",
                           "GEMM a@b with the weight update in its epilogue: scale, extra term (Fira's residual), "
                           "decoupled decay before/after (GaLore 2, Fira)", FLOATS),
+    "requantize": ("hfx_kernels.quantize:requantize", "hfx_kernels.quantize:requantize_reference",
+                   "ECO requantize in one pass: absmax scales (row/block), rounding to the int8/int4/fp8 grid "
+                   "(nearest or Philox stochastic), held weight and error-feedback term written together", FLOATS),
+    "quantize": ("hfx_kernels.quantize:quantize", "hfx_kernels.quantize:quantize_reference",
+                 "absmax scales and codes (int8, int4 packed two per byte, fp8 e4m3), nearest or stochastic", FLOATS),
+    "dequantize": ("hfx_kernels.quantize:dequantize", "hfx_kernels.quantize:dequantize_reference",
+                   "codes times scales (int4 unpacked in-kernel)", FLOATS),
 }
 
 

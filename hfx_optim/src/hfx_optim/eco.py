@@ -23,8 +23,11 @@ weight by what rounding took away (error feedback without an error buffer). Nota
                m   = m~ + decay * ((1-b1^t)/lr) * (1 - 1/b1) * D * e
 
 The per-step math is in pure functions over lists of tensors (:func:`eco_adam_step`, :func:`eco_sgdm_step`, and
-:func:`adamw_step`, :func:`sgdm_step` for the parameters that are not quantized), so that a fused kernel (one pass
-over g, m, v, th with a counter-based RNG) can replace them without changing :class:`ECO`.
+:func:`adamw_step`, :func:`sgdm_step` for the parameters that are not quantized). Two steps go through hfx-kernels'
+dispatch (``HFX_KERNELS``; Triton on CUDA tensors, torch elsewhere), with the same results on both paths: the
+requantize step ``th = q(th~); e = th~ - th`` (:func:`hfx_kernels.quantize.requantize`: scales, rounding, the held
+weight and the error in one pass; stochastic rounding with Philox noise drawn in the kernel, which the torch path
+reproduces bit for bit) and AdamW for the parameters ECO-Adam does not quantize (:func:`hfx_kernels.adamw.adamw_step`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from hfx_kernels.adamw import adamw_step as _adamw_kernel
+from hfx_kernels.quantize import requantize, sr_noise
 
 from ._common import (
     Steps,
@@ -52,13 +58,11 @@ from ._common import (
 from .quantize import (
     SCALE_MODES,
     Quantized,
-    fake_quantize,
     format_bits,
     mix_seed,
     normalize_format,
     quantize,
     quantized_nbytes,
-    sr_generator,
 )
 from .targets import TARGET_FLAG, ModelOptimizerFactory
 
@@ -94,15 +98,22 @@ def _optional(values: Sequence[Tensor | None] | None, n: int, what: str) -> Sequ
 
 
 def _requantize(p: Tensor, theta_tilde: Tensor, scale: Tensor, noise: Tensor | None, *, fmt: str, scale_mode: str,
-                block_size: int) -> Tensor:
+                block_size: int, seed: int | None = None) -> Tensor:
     """Write q(th~) into ``p`` (in p's dtype) and its scales into ``scale``; return ``e = th~ - th`` (reusing the
     ``theta_tilde`` buffer). The error is taken against the value the model holds, so a bfloat16 parameter's own
-    rounding of the grid value is compensated too."""
-    theta_hat, new_scale = fake_quantize(theta_tilde, fmt, scale_mode=scale_mode, block_size=block_size, noise=noise)
-    held = theta_hat.to(p.dtype)
-    p.copy_(held)
-    scale.copy_(new_scale)
-    return theta_tilde.sub_(held.to(theta_tilde.dtype))
+    rounding of the grid value is compensated too. Rounds stochastically with ``noise`` (a tensor of p's shape) or
+    with the Philox noise of ``seed`` (drawn in the kernel), to nearest with neither. One call of
+    :func:`hfx_kernels.quantize.requantize` (Triton on CUDA, torch elsewhere; the same results on both)."""
+    theta = theta_tilde.to(_compute_dtype(p)).contiguous()
+    target = p if p.is_contiguous() else p.contiguous()
+    new_scale = scale if scale.is_contiguous() else scale.contiguous()
+    requantize(target, theta, new_scale, fmt=fmt, scale_mode=scale_mode, block_size=block_size, seed=seed,
+               noise=None if noise is None else noise.contiguous())
+    if target is not p:
+        p.copy_(target)
+    if new_scale is not scale:
+        scale.copy_(new_scale)
+    return theta
 
 
 def eco_adam_step(
@@ -122,12 +133,15 @@ def eco_adam_step(
     block_size: int = 128,
     noises: Sequence[Tensor | None] | None = None,
     error_feedback: str = "memory_free",
+    seeds: Sequence[int | None] | None = None,
 ) -> None:
     """One ECO-Adam step (in place) on 2-D parameters that hold quantized weights.
 
     ``exp_avgs``/``exp_avg_sqs`` are in the compute dtype (float32, float64 for float64 parameters) and hold m and
     v; ``scales[i]`` receives the new scales of ``params[i]``; ``step`` is t >= 1 (one int, or one per parameter);
-    ``noises[i]`` (uniform in [0, 1), shape of the parameter) turns on stochastic rounding for that parameter.
+    ``seeds[i]`` (an int in [0, 2^64)) turns on stochastic rounding for that parameter with the Philox noise
+    ``tl.rand(seeds[i], flat index)`` (:func:`hfx_kernels.quantize.sr_noise`), drawn in the kernel; ``noises[i]``
+    (uniform in [0, 1), shape of the parameter) supplies the noise as a tensor instead (give one or the other).
     ``error_feedback``: "memory_free" (the paper) or "none" (naive re-quantization, the ablation). At ``lr == 0``
     nothing is injected: ``1/lr`` is undefined and, with the weight not moving, there is no step to compensate
     (HF's linear warm-up runs its first step at lr = 0).
@@ -137,15 +151,15 @@ def eco_adam_step(
     beta1, beta2 = betas
     n = len(params)
     decay = 1.0 - lr * weight_decay
-    for p, g, m, v, s, u, t in zip(params, grads, exp_avgs, exp_avg_sqs, scales, _optional(noises, n, "noises"),
-                                   per_param(step, n), strict=True):
+    for p, g, m, v, s, u, seed, t in zip(params, grads, exp_avgs, exp_avg_sqs, scales, _optional(noises, n, "noises"),
+                                         _optional(seeds, n, "seeds"), per_param(step, n), strict=True):
         g = g.to(m.dtype)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)  # m~
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         bias_correction1 = 1.0 - beta1**t
         denom = v.sqrt().div_(math.sqrt(1.0 - beta2**t)).add_(eps)  # D
         theta = p.to(m.dtype).mul(decay).addcdiv_(m, denom, value=-lr / bias_correction1)  # th~ (a new tensor)
-        e = _requantize(p, theta, s, u, fmt=fmt, scale_mode=scale_mode, block_size=block_size)
+        e = _requantize(p, theta, s, u, fmt=fmt, scale_mode=scale_mode, block_size=block_size, seed=seed)
         if error_feedback == "memory_free" and lr > 0:
             m.addcmul_(denom, e, value=decay * bias_correction1 / lr * (1.0 - 1.0 / beta1))
 
@@ -165,9 +179,10 @@ def eco_sgdm_step(
     noises: Sequence[Tensor | None] | None = None,
     error_feedback: str = "memory_free",
     errors: Sequence[Tensor] | None = None,
+    seeds: Sequence[int | None] | None = None,
 ) -> None:
     """One ECO-SGDM step (in place) on 2-D parameters that hold quantized weights; arguments as in
-    :func:`eco_adam_step` (``momenta``: m, in the compute dtype).
+    :func:`eco_adam_step` (``momenta``: m, in the compute dtype; ``seeds``/``noises``: stochastic rounding).
 
     ``error_feedback="exact"`` keeps the previous error in ``errors[i]`` (one more buffer) and injects
     ``m = m~ + decay*(e_prev - e/beta)/lr``; at a constant lr this reproduces SGDM with master weights exactly:
@@ -179,11 +194,11 @@ def eco_sgdm_step(
     if error_feedback == "exact" and (errors is None or len(errors) != n):
         raise ValueError("eco_sgdm_step: error_feedback='exact' needs one error buffer per parameter (errors=[...])")
     decay = 1.0 - lr * weight_decay
-    for p, g, m, s, u, e_prev in zip(params, grads, momenta, scales, _optional(noises, n, "noises"),
-                                     _optional(errors, n, "errors"), strict=True):
+    for p, g, m, s, u, seed, e_prev in zip(params, grads, momenta, scales, _optional(noises, n, "noises"),
+                                           _optional(seeds, n, "seeds"), _optional(errors, n, "errors"), strict=True):
         m.mul_(beta).add_(g.to(m.dtype), alpha=1.0 - beta)  # m~
         theta = p.to(m.dtype).mul(decay).add_(m, alpha=-lr)  # th~
-        e = _requantize(p, theta, s, u, fmt=fmt, scale_mode=scale_mode, block_size=block_size)
+        e = _requantize(p, theta, s, u, fmt=fmt, scale_mode=scale_mode, block_size=block_size, seed=seed)
         if error_feedback == "memory_free" and lr > 0:
             m.add_(e, alpha=decay * (1.0 - 1.0 / beta) / lr)
         elif error_feedback == "exact":
@@ -207,19 +222,12 @@ def adamw_step(
     weight_decay: float,
 ) -> None:
     """AdamW (``torch.optim.AdamW``'s form: decay first, eps outside the bias correction) for the parameters ECO-Adam
-    does not quantize; moments in the compute dtype, the result rounded to the parameter's dtype."""
-    beta1, beta2 = betas
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, per_param(step, len(params)), strict=True):
-        g = g.to(m.dtype)
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = v.sqrt().div_(math.sqrt(1.0 - beta2**t)).add_(eps)
-        w = p if p.dtype == m.dtype else p.to(m.dtype)
-        if weight_decay != 0:
-            w.mul_(1.0 - lr * weight_decay)
-        w.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
-        if w is not p:
-            p.copy_(w)
+    does not quantize; moments in the compute dtype, the result rounded to the parameter's dtype. One call of
+    :func:`hfx_kernels.adamw.adamw_step` (``eps_mode="torch"``, ``decay_mode="before"``; Triton on CUDA)."""
+    if not params:
+        return
+    _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, steps=list(per_param(step, len(params))), lr=lr, betas=betas,
+                  eps=eps, weight_decay=weight_decay, eps_mode="torch", decay_mode="before")
 
 
 def sgdm_step(
@@ -377,10 +385,12 @@ class ECO(torch.optim.Optimizer):
         stochastic_rounding: round th~ up or down at random with the probability that makes it unbiased (True).
             Summaries of the paper report that SR is needed to get near master-weight quality; it costs one uniform
             draw per element. False rounds to nearest (ties to even).
-        seed: base seed of the SR noise (0). The noise of a parameter at step t is counter-based:
-            ``torch.rand(shape, dtype=compute_dtype, generator=sr_generator(state["sr_seed"], t, device=p.device))``
-            with ``state["sr_seed"] = mix_seed(seed, index of the parameter in the optimizer)``, so a resumed run
-            draws the same noise (bit-identical) and all DDP ranks draw the same.
+        seed: base seed of the SR noise (0). The noise of a parameter at step t is counter-based Philox, drawn in the
+            requantize kernel: ``u[i] = tl.rand(mix_seed(state["sr_seed"], t), i)`` for the element at flat index
+            ``i`` (:func:`hfx_kernels.quantize.sr_noise` gives it as a tensor, bit for bit), with
+            ``state["sr_seed"] = mix_seed(seed, index of the parameter in the optimizer)``, so a resumed run draws
+            the same noise (bit-identical), all DDP ranks draw the same, and so do the torch and Triton paths and
+            every device.
         error_feedback: "memory_free" (default: the paper's ECO), "exact" (ECO-SGDM only: keeps the previous error,
             one more fp32 buffer, and reproduces master-weight SGDM exactly at a constant lr — a reference, it costs
             what master weights cost), or "none" (naive re-quantization without compensation, the ablation).
@@ -543,7 +553,7 @@ class ECO(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any], first_index: int) -> None:
         adam = group["variant"] == "adam"
         stochastic = group["stochastic_rounding"]
-        q_p, q_g, q_m, q_v, q_s, q_u, q_t, q_e = [], [], [], [], [], [], [], []
+        q_p, q_g, q_m, q_v, q_s, q_seed, q_t, q_e = [], [], [], [], [], [], [], []
         r_p, r_g, r_m, r_v, r_t = [], [], [], [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -567,15 +577,15 @@ class ECO(torch.optim.Optimizer):
             q_s.append(state["scale"])
             q_t.append(state["step"])
             q_e.append(state.get("error"))
-            q_u.append(self._noise(p, state) if stochastic else None)
+            q_seed.append(self._sr_seed(state) if stochastic else None)
 
         lr, wd = float(group["lr"]), group["weight_decay"]
         quant = dict(fmt=group["weight_format"], scale_mode=group["scale_mode"], block_size=group["block_size"])
         if q_p and adam:
             eco_adam_step(q_p, q_g, q_m, q_v, q_s, step=q_t, lr=lr, betas=group["betas"], eps=group["eps"],
-                          weight_decay=wd, noises=q_u, error_feedback=group["error_feedback"], **quant)
+                          weight_decay=wd, seeds=q_seed, error_feedback=group["error_feedback"], **quant)
         elif q_p:
-            eco_sgdm_step(q_p, q_g, q_m, q_s, lr=lr, beta=group["betas"][0], weight_decay=wd, noises=q_u,
+            eco_sgdm_step(q_p, q_g, q_m, q_s, lr=lr, beta=group["betas"][0], weight_decay=wd, seeds=q_seed,
                           error_feedback=group["error_feedback"],
                           errors=q_e if group["error_feedback"] == "exact" else None, **quant)
         if r_p and adam:
@@ -593,9 +603,14 @@ class ECO(torch.optim.Optimizer):
             state["error"] = torch.zeros_like(state["exp_avg"])
 
     @staticmethod
+    def _sr_seed(state: dict[str, Any]) -> int:
+        """The Philox seed of the parameter's stochastic rounding at its current step."""
+        return mix_seed(state["sr_seed"], state["step"])
+
+    @staticmethod
     def _noise(p: Tensor, state: dict[str, Any]) -> Tensor:
-        generator = sr_generator(state["sr_seed"], state["step"], device=p.device)
-        return torch.rand(p.shape, generator=generator, device=p.device, dtype=_compute_dtype(p))
+        """The SR noise of the parameter at its current step, as the requantize kernel draws it (for inspection)."""
+        return sr_noise(ECO._sr_seed(state), p.shape, device=p.device, dtype=_compute_dtype(p))
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
