@@ -170,6 +170,38 @@ CASES = {"adamw_step": adamw_case, "mars_adamw_step": mars_case, "sign_sgd_step"
          "projection_update": projection_case, "requantize": requantize_case}
 
 
+def set_tiles(chunk: int, block: int) -> None:
+    """Use ``chunk`` elements per program and ``block`` per iteration in every multi-tensor kernel."""
+    import importlib
+
+    for name in ("_backend", "adamw", "mars", "sign_sgd"):
+        module = importlib.import_module(f"hfx_kernels.{name}")
+        module.CHUNK, module.BLOCK = chunk, block
+
+
+def tune(total: int, device) -> tuple[list[str], tuple[int, int]]:
+    """Time the AdamW kernel over (CHUNK, BLOCK) tiles; the fastest is used for the rest of the run."""
+    from hfx_kernels import adamw as K
+
+    p = tensor_set(total, device)
+    g, m, v = ([torch.rand_like(x) for x in p] for _ in range(3))
+    sizes, eps = K._scalars(len(p), 10, 1e-3, (0.9, 0.999), 1e-8, "torch", True)
+    results = {}
+    for chunk in (4096, 16384, 65536):
+        for block in (1024, 2048, 4096):
+            if block <= chunk:
+                set_tiles(chunk, block)
+                results[chunk, block] = timed(lambda: K.adamw_step_triton(
+                    p, g, m, v, step_sizes=sizes, eps=eps, betas=(0.9, 0.999), decay=1 - 1e-5), device, 10)
+                print(f"tiles CHUNK={chunk} BLOCK={block}: {results[chunk, block] * 1e3:.2f} ms", flush=True)
+    best = min(results, key=results.get)
+    set_tiles(*best)
+    rows = [f"| {c} | {b} | {t * 1e3:.2f} |" for (c, b), t in results.items()]
+    return (["### Tiles of the multi-tensor kernels (AdamW step on the same set)", "",
+             "| CHUNK (elements per program) | BLOCK | time (ms) |", "|---|---|---|", *rows, "",
+             f"Used below: CHUNK={best[0]}, BLOCK={best[1]}.", ""], best)
+
+
 def report(c: Case, device, peak: float | None) -> list[str]:
     rows, times = [], {}
     for path, fn in c.runs.items():
@@ -188,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--kernels", default=",".join(CASES))
+    parser.add_argument("--tune", action="store_true", help="on a GPU: pick the multi-tensor kernels' tiles first")
     parser.add_argument("--out", default=str(RESULTS / "kernels.md"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +235,7 @@ def main() -> None:
         machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (no GPU)"
     lines = ["# hfx-kernels benchmarks", "",
              f"Machine: {machine}; torch {torch.__version__}, Python {platform.python_version()}. Command: "
-             f"`python benchmarks/kernels.py{' --quick' if args.quick else ''}`. Times are medians; ratios are "
+             f"`python benchmarks/kernels.py{' --quick' if args.quick else ''}{' --tune' if args.tune else ''}`. Times are medians; ratios are "
              "against the anchor measured in the same run; bandwidth is the floor's bytes divided by the time.", ""]
     if device.type == "cpu":
         lines += ["**No GPU was available for this run, so the Triton kernels were not timed** (Triton needs CUDA; "
@@ -211,6 +244,10 @@ def main() -> None:
                   "parameters, MARS ≤ 1.6× fused AdamW, elementwise kernels ≥ 70% of peak bandwidth) are not yet "
                   "measured.", ""]
     os.environ["HFX_KERNELS"] = "torch"  # the dispatching functions take their torch path; "triton" rows call Triton
+    if args.tune and device.type == "cuda":
+        tile_lines, _ = tune(total, device)
+        lines += tile_lines
+        torch.cuda.empty_cache()
     lines += ["| kernel | size | path | time (ms) | ÷ anchor | floor B/elem | GB/s at the floor | of peak |",
               "|---|---|---|---|---|---|---|---|"]
     for kernel in args.kernels.split(","):  # one case in memory at a time (1B fp32 parameters and their state)

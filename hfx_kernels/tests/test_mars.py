@@ -131,7 +131,7 @@ def test_clip_fires_only_above_one(backend, monkeypatch):
     tensor with ||c|| > 1 by its norm and leaves one with ||c|| <= 1 alone."""
     monkeypatch.setenv("HFX_KERNELS", backend)
     small = torch.full((3, 2), 0.1, dtype=torch.float64)  # ||c|| = 1.475 * 0.1 * sqrt(6) ~ 0.36
-    large = torch.full((CHUNK + 5,), 0.1, dtype=torch.float64)  # ||c|| ~ 37.8, summed over two chunks
+    large = torch.full((CHUNK + 5,), 0.1, dtype=torch.float64)  # ||c|| > 5, summed over two chunks
     g = [small, large]
     p = [torch.zeros_like(x) for x in g]
     gp, m, v = ([torch.zeros_like(x) for x in g] for _ in range(3))
@@ -139,7 +139,7 @@ def test_clip_fires_only_above_one(backend, monkeypatch):
     k = 0.025 * 0.95 / 0.05
     c = [(1 + k) * x for x in g]
     norm = math.sqrt(float((c[1] ** 2).sum()))
-    assert norm > 30
+    assert norm > 5
     torch.testing.assert_close(m[0], 0.05 * c[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(m[1], 0.05 * c[1] / norm, rtol=1e-12, atol=0)
     torch.testing.assert_close(v[1], 0.01 * (c[1] / norm) ** 2, rtol=1e-12, atol=0)
