@@ -1,6 +1,9 @@
 """Fixtures of the hfx-kernels tests (the hfx test kit's come from the root conftest)."""
 
 import pytest
+import torch
+
+from hfx_kernels.testing import kernel_device
 
 
 @pytest.fixture
@@ -14,3 +17,12 @@ def isolated(tmp_path, monkeypatch):
     hfx.registry.reset()
     yield tmp_path
     hfx.registry.reset()
+
+
+@pytest.fixture
+def on_kernel_device():
+    """Plain tensors are made where the kernels run: CUDA when there is a GPU, else the CPU (Triton's interpreter)."""
+    previous = torch.get_default_device()
+    torch.set_default_device(kernel_device())
+    yield
+    torch.set_default_device(previous)

@@ -11,14 +11,7 @@ from hfx_kernels import mars as K
 from hfx_kernels._backend import CHUNK
 from hfx_kernels.testing import TritonKernelConformance, kernel_device
 
-
-@pytest.fixture(autouse=True)
-def _on_kernel_device():
-    """Plain tensors are made where the kernels run: CUDA when there is a GPU, else the CPU (Triton's interpreter)."""
-    previous = torch.get_default_device()
-    torch.set_default_device(kernel_device())
-    yield
-    torch.set_default_device(previous)
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
 
 
 def make_lists(shape, dtype, device, *, others=((5,), (1, 3)), scales=(1.0, 0.05, 3.0)):

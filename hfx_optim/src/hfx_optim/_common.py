@@ -64,6 +64,28 @@ def finish_added_group(param_groups: list[Group], finish: Callable[[Group], None
         raise
 
 
+def adamw_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    step: Steps,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW in ``torch.optim.AdamW``'s form (decay before the update, eps outside the bias correction), in place, for
+    the parameters an optimizer leaves to AdamW (MARS's 1-D ones, ECO's unquantized ones); moments may be wider than
+    the parameter (float32 for bf16). One call of :func:`hfx_kernels.adamw.adamw_step`: Triton on CUDA, torch
+    (torch's fused AdamW where the dtypes allow) elsewhere."""
+    from hfx_kernels.adamw import adamw_step as kernel
+
+    kernel(params, grads, exp_avgs, exp_avg_sqs, steps=list(per_param(step, len(params))), lr=lr, betas=betas, eps=eps,
+           weight_decay=weight_decay, eps_mode="torch", decay_mode="before")
+
+
 # --------------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hfx_kernels.adamw import adamw_step as _adamw_kernel
 from hfx_kernels.quantize import requantize, sr_noise
 
 from ._common import (
     Steps,
+    adamw_step,
     check_bool,
     finish_added_group,
     is_dtensor,
@@ -209,25 +209,6 @@ def eco_sgdm_step(
                 e_prev.zero_()
 
 
-def adamw_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    step: Steps,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """AdamW (``torch.optim.AdamW``'s form: decay first, eps outside the bias correction) for the parameters ECO-Adam
-    does not quantize; moments in the compute dtype, the result rounded to the parameter's dtype. One call of
-    :func:`hfx_kernels.adamw.adamw_step` (``eps_mode="torch"``, ``decay_mode="before"``; Triton on CUDA)."""
-    if not params:
-        return
-    _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, steps=list(per_param(step, len(params))), lr=lr, betas=betas,
-                  eps=eps, weight_decay=weight_decay, eps_mode="torch", decay_mode="before")
 
 
 def sgdm_step(

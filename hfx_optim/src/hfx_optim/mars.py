@@ -34,7 +34,6 @@ import torch
 from torch import Tensor
 
 from hfx_kernels import mars as kernels
-from hfx_kernels.adamw import adamw_step
 
 from ._common import (
     Steps,
@@ -47,6 +46,7 @@ from ._common import (
     run_closure,
     sparse_grad_error,
 )
+from ._common import adamw_step as adamw_1d_step  # AdamW in torch's form for the parameters MARS leaves to AdamW
 
 __all__ = [
     "MARS",
@@ -194,23 +194,6 @@ def mars_shampoo_step(
         p.add_(direction, alpha=-lr * scale)
 
 
-def adamw_1d_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    step: Steps,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """AdamW on the raw gradient for the parameters MARS leaves to AdamW (in place), in the official MARS form:
-    ``p -= lr*wd*p + lr * (m/bc1) / (sqrt(v/bc2) + eps)``, which is also ``torch.optim.AdamW``'s; by the multi-tensor
-    AdamW kernel (:func:`hfx_kernels.adamw.adamw_step`, ``eps_mode="torch"``, ``decay_mode="before"``)."""
-    adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps=per_param(step, len(params)), lr=lr, betas=betas, eps=eps,
-               weight_decay=weight_decay, eps_mode="torch", decay_mode="before")
 
 
 # --------------------------------------------------------------------------------------------------
