@@ -182,3 +182,19 @@ def test_torch_path_fast_form_equals_the_reference(dtype, monkeypatch):
     rtol, atol = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_direction_torch_path_foreach_form_equals_the_reference(dtype, monkeypatch):
+    monkeypatch.setenv("HFX_KERNELS", "torch")
+    torch.manual_seed(0)
+    _, g, m, v = make_lists((6, 5), dtype, "cpu", state_dtype=dtype)
+    g2, m2, v2 = ([x.clone() for x in lst] for lst in (g, m, v))
+    out, factors = K.adam_direction(g, m, v, steps=[2, 1, 9], betas=(0.9, 0.99), eps=1e-8, eps_mode="torch")
+    sizes, eps = K._scalars(3, [2, 1, 9], 1.0, (0.9, 0.99), 1e-8, "torch", True)
+    want = [torch.empty_like(x) for x in m2]
+    K.adamw_step_reference(None, g2, m2, v2, step_sizes=sizes, eps=eps, betas=(0.9, 0.99), out=want)
+    assert factors == sizes
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for x, y in zip([*out, *m, *v], [*want, *m2, *v2]):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)

@@ -168,3 +168,21 @@ def test_bad_dtype_and_overlapping_w():
         K.projection_update(torch.zeros(4, 5, dtype=torch.int32), torch.zeros(4, 2), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="overlapping"):
         K.projection_update(torch.zeros(1, 5).expand(4, 5), torch.zeros(4, 2), torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("decay_mode", ["before", "after"])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_torch_path_addmm_form_equals_the_reference(dtype, decay_mode, with_extra, monkeypatch):
+    """The torch path's addmm form (W's dtype throughout) equals the plain reference."""
+    monkeypatch.setenv("HFX_KERNELS", "torch")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 13, generator=gen, dtype=dtype)
+    a, b = torch.randn(9, 4, generator=gen, dtype=dtype), torch.randn(4, 13, generator=gen, dtype=dtype)
+    extra = torch.randn(9, 13, generator=gen, dtype=dtype) if with_extra else None
+    kw = dict(alpha=0.3, extra=extra, beta=0.7, decay=0.9, decay_mode=decay_mode)
+    want = w.clone()
+    K.projection_update_reference(want, a, b, **kw)
+    K.projection_update(w, a, b, **kw)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(w, want, rtol=tol, atol=tol)

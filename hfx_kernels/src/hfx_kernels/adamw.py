@@ -246,6 +246,26 @@ def adam_direction(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_
     check_same_shapes({"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, "adam_direction")
     out = list(out) if out is not None else [torch.empty_like(m) for m in exp_avgs]
     factors, eps_list = _scalars(len(grads), steps, 1.0, betas, eps, eps_mode, correct_bias)
-    impl = adamw_step_triton if use_triton([*grads, *exp_avgs, *exp_avg_sqs, *out], "adam_direction") else adamw_step_reference
-    impl(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas, out=out)
+    tensors = [*grads, *exp_avgs, *exp_avg_sqs, *out]
+    if use_triton(tensors, "adam_direction"):
+        adamw_step_triton(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas, out=out)
+    elif tensors and all(t.dtype == grads[0].dtype and t.dtype in (torch.float32, torch.float64) for t in tensors):
+        _adam_direction_foreach(grads, exp_avgs, exp_avg_sqs, eps_list, betas, out)
+    else:
+        adamw_step_reference(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas,
+                             out=out)
     return out, factors
+
+
+def _adam_direction_foreach(grads, exp_avgs, exp_avg_sqs, eps, betas, out) -> None:
+    """The torch path of :func:`adam_direction` in multi-tensor form (one dtype throughout): the reference's formula
+    by foreach ops, without its per-tensor temporaries."""
+    grads, exp_avgs, exp_avg_sqs, out = (list(x) for x in (grads, exp_avgs, exp_avg_sqs, out))
+    beta1, beta2 = betas
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_copy_(out, torch._foreach_div(exp_avgs, denom))

@@ -249,14 +249,20 @@ def _mars_adamw_fast_torch(params, grads, prev_grads, exp_avgs, exp_avg_sqs, ste
     """The torch path in multi-tensor form: ``c = (1+k) g - k g_prev`` and its norm clip by foreach ops, then torch's
     fused AdamW kernel on ``c`` (the same formula as :func:`mars_step_reference`, a few times faster on the CPU)."""
     k = mars_k(gamma, betas[0])
-    c = torch._foreach_mul(list(grads), 1.0 + k)
-    torch._foreach_add_(c, list(prev_grads), alpha=-k)
+    grads, prev_grads = list(grads), list(prev_grads)
+    if store_grads:  # g_prev is overwritten with g below anyway: c is built in its buffer (no allocation)
+        c = prev_grads
+        torch._foreach_mul_(c, -k)
+        torch._foreach_add_(c, grads, alpha=1.0 + k)
+    else:
+        c = torch._foreach_mul(grads, 1.0 + k)
+        torch._foreach_add_(c, prev_grads, alpha=-k)
     norms = torch._foreach_norm(c)
     torch._foreach_clamp_min_(norms, 1.0)
     torch._foreach_div_(c, norms)
-    if store_grads:
-        torch._foreach_copy_(list(prev_grads), list(grads))
     torch_fused_adamw(params, c, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if store_grads:
+        torch._foreach_copy_(prev_grads, grads)
 
 
 def mars_lion_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grads: Sequence[Tensor],

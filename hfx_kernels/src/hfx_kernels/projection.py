@@ -186,5 +186,24 @@ def projection_update(w: Tensor, a: Tensor, b: Tensor, *, alpha: float = 1.0, ex
     """
     _check(w, a, b, extra, decay_mode)
     tensors = [w, a, b] if extra is None else [w, a, b, extra]
-    impl = projection_update_triton if use_triton(tensors, KERNEL) else projection_update_reference
-    impl(w, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
+    if use_triton(tensors, KERNEL):
+        projection_update_triton(w, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
+    elif w.dtype in (torch.float32, torch.float64) and all(t.dtype == w.dtype for t in tensors):
+        _projection_update_addmm(w, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
+    else:
+        projection_update_reference(w, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
+
+
+def _projection_update_addmm(w, a, b, *, alpha, extra, beta, decay, decay_mode) -> None:
+    """The torch path when everything is in W's dtype: BLAS's own epilogue, ``W <- d*W - alpha'*(a@b)`` in one
+    ``addmm_`` (the product is never materialised); the extra term by one ``add_`` before it."""
+    if extra is None:  # before: d*W - alpha*AB; after: (W - alpha*AB)*d = d*W - d*alpha*AB
+        w.addmm_(a, b, beta=decay, alpha=-alpha * (decay if decay_mode == "after" else 1.0))
+        return
+    if decay_mode == "before":
+        w.mul_(decay)
+    w.add_(extra, alpha=-beta)
+    if decay_mode == "before":
+        w.addmm_(a, b, alpha=-alpha)
+    else:
+        w.addmm_(a, b, beta=decay, alpha=-alpha * decay)

@@ -115,13 +115,11 @@ _PHILOX_CHUNK = 1 << 18
 
 
 def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """``(a * b) >> 32`` and ``(a * b) mod 2^32`` for a 32-bit constant ``a`` and int64 ``b`` in [0, 2^32), without
-    overflowing int64: ``b`` is split into 16-bit halves."""
-    t_hi = (b >> 16) * a  # < 2^48
-    t_lo = (b & 0xFFFF) * a  # < 2^48
-    hi = (t_hi + (t_lo >> 16)) >> 16
-    lo = (((t_hi & 0xFFFF) << 16) + t_lo) & _M32
-    return hi, lo
+    """``(a * b) >> 32`` and ``(a * b) mod 2^32`` for a 32-bit constant ``a`` and int64 ``b`` in [0, 2^32). The
+    product needs 64 unsigned bits: int64 multiplication wraps modulo 2^64 (two's complement), which keeps exactly
+    those bits, so one multiply and two masks recover both halves."""
+    product = b * a
+    return (product >> 32).bitwise_and_(_M32), product.bitwise_and_(_M32)
 
 
 def _philox_chunk(seed: int, offsets: Tensor, n_rounds: int) -> Tensor:
