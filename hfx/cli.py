@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 from importlib import metadata
 
 from .registry import HfxPluginError, get_registry
 from .settings import HfxConfigError
 
+IMPORT_STRING = re.compile(r"[\w.]+:[\w.]+")  # "module:attr": the contribution extras that name code
 STACK = ("hfx", "torch", "transformers", "trl", "accelerate", "peft", "datasets", "triton", "pluggy")
 
 
@@ -76,7 +78,7 @@ def cmd_plugins(args) -> int:
         if not c.available:
             problems.append(f"{c.kind} {c.name!r} ({c.plugin}): {c.unavailable}")
         elif args.import_targets:
-            for key in ("target", *[k for k in c.extras if ":" in c.extras[k]]):
+            for key in ("target", *[k for k in c.extras if IMPORT_STRING.fullmatch(c.extras[k] or "")]):
                 try:
                     c.load(key)
                 except Exception as e:
