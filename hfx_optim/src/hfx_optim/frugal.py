@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from hfx_kernels.adamw import adam_direction, adamw_step
+from hfx_kernels.projection import projection_update
 from hfx_kernels.sign_sgd import sign_sgd_step
 
 from ._common import (
@@ -224,8 +225,8 @@ def frugal_step(
     The element-wise parts run on :mod:`hfx_kernels` (Triton on CUDA, torch elsewhere; ``HFX_KERNELS`` forces one),
     each a multi-tensor call over the list: whole tensors take :func:`hfx_kernels.adamw.adamw_step`; the state-free
     parts take :func:`hfx_kernels.sign_sgd.sign_sgd_step`, which also applies the decay; the subspace moments and
-    directions take :func:`hfx_kernels.adamw.adam_direction`. ``down``/``up`` (projections, gathers, scatters) are
-    torch.
+    directions take :func:`hfx_kernels.adamw.adam_direction`; a basis's back-projection and update take
+    :func:`hfx_kernels.projection.projection_update`; ``down`` and coordinate scatters stay torch.
     """
     n = len(params)
     steps = per_param(step, n)
@@ -259,12 +260,19 @@ def frugal_step(
                       lr_scale=proj_params_lr_scale * inactive_lr_scale, rule=inactive_update_rule)
     if decay_only and weight_decay != 0:
         torch._foreach_mul_(decay_only, 1.0 - lr * weight_decay)
-    # the state-full part: moments and N = M / (sqrt(V) + eps') by the kernel, W -= lr_full * c * up(N) in torch
+    # the state-full part: moments and N = M / (sqrt(V) + eps') by the kernel, then W -= lr_full * c * up(N): by the
+    # projection epilogue for a basis (the product P·N is never materialised), a scatter in torch for coordinates
     if split:
         directions, factors = adam_direction(lows, [exp_avgs[i] for i in split], [exp_avg_sqs[i] for i in split],
                                              steps=[steps[i] for i in split], betas=betas, eps=eps, eps_mode="torch")
         for i, direction, c in zip(split, directions, factors, strict=True):
-            params[i].add_(_up(direction, subspaces[i], params[i].shape), alpha=-lr_full * c)
+            sub = subspaces[i]
+            if sub.index is not None:
+                params[i].add_(_up(direction, sub, params[i].shape), alpha=-lr_full * c)
+                continue
+            left = direction if sub.left is None else sub.left if sub.right is None else sub.left @ direction
+            right = sub.right if sub.right is not None else direction
+            projection_update(params[i], left, right, alpha=lr_full * c)
 
 
 def subspace_size(subspace: str, shape: Sequence[int], density: float, proj_side: str = "std") -> int:
