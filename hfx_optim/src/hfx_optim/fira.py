@@ -36,11 +36,10 @@ from .galore2 import (
     _adam,
     _check_lengths,
     _direction_buffers,
-    back_project_update,
     factory_signature,
     galore_adamw_step,
 )
-from .projection import PROJ_TYPES, project, project_back
+from .projection import PROJ_TYPES, back_project_update, project, project_back
 from .targets import TARGET_FLAG, ModelOptimizerFactory
 
 __all__ = ["FIRA_PROJECTION_KEYS", "RESIDUAL_FORMS", "Fira", "FiraFactory", "fira_adamw_step"]

@@ -51,7 +51,6 @@ import torch
 from torch import Tensor
 
 from hfx_kernels.adamw import adam_direction, adamw_step
-from hfx_kernels.projection import projection_update
 from hfx_kernels.sign_sgd import sign_sgd_step
 
 from ._common import (
@@ -71,7 +70,14 @@ from ._common import (
     with_offsets,
 )
 from .galore2 import factory_signature
-from .projection import SVD_METHODS, compute_projectors, projection_sides, sketch_seed, svd_dtype
+from .projection import (
+    SVD_METHODS,
+    back_project_update,
+    compute_projectors,
+    projection_sides,
+    sketch_seed,
+    svd_dtype,
+)
 from .targets import TARGET_FLAG, ModelOptimizerFactory
 
 __all__ = [
@@ -270,9 +276,8 @@ def frugal_step(
             if sub.index is not None:
                 params[i].add_(_up(direction, sub, params[i].shape), alpha=-lr_full * c)
                 continue
-            left = direction if sub.left is None else sub.left if sub.right is None else sub.left @ direction
-            right = sub.right if sub.right is not None else direction
-            projection_update(params[i], left, right, alpha=lr_full * c)
+            back_project_update(params[i], direction, sub.left, sub.right, alpha=lr_full * c, decay=1.0,
+                                decay_mode="before")
 
 
 def subspace_size(subspace: str, shape: Sequence[int], density: float, proj_side: str = "std") -> int:

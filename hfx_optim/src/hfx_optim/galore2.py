@@ -56,6 +56,7 @@ from ._common import (
 from .projection import (
     PROJ_TYPES,
     SVD_METHODS,
+    back_project_update,
     compute_projectors,
     low_rank_shape,
     project,
@@ -73,7 +74,6 @@ __all__ = [
     "GaLore2Factory",
     "adam_direction",
     "apply_update",
-    "back_project_update",
     "galore_adamw_step",
 ]
 
@@ -133,20 +133,6 @@ def _adam(params: Sequence[Tensor] | None, grads: Sequence[Tensor], exp_avgs: Se
 def _direction_buffers(exp_avgs: Sequence[Tensor]) -> list[Tensor]:
     """Where the Adam directions go: float32 (float64 for float64 moments), so bf16/fp16 moments do not round them."""
     return [torch.empty(m.shape, dtype=compute_dtype(m.dtype), device=m.device) for m in exp_avgs]
-
-
-def back_project_update(p: Tensor, direction: Tensor, left: Tensor | None, right: Tensor | None, *, alpha: float,
-                        decay: float, decay_mode: str, extra: Tensor | None = None, beta: float = 1.0) -> None:
-    """``p <- p * decay - (alpha * back(direction) + beta * extra)`` (decay ``decay_mode`` the update) through
-    :func:`hfx_kernels.projection.projection_update`: ``back`` is ``L N`` (``a = L``, ``b = N``), ``N Rt``
-    (``a = N``, ``b = Rt``) or, two-sided, ``(L N) Rt`` with ``L N`` formed in torch."""
-    if left is not None and right is not None:
-        a, b = left.to(direction.dtype) @ direction, right
-    elif left is not None:
-        a, b = left, direction
-    else:
-        a, b = direction, right
-    projection_update(p, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
 
 
 def adam_direction(r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: int, *, betas: tuple[float, float], eps: float,

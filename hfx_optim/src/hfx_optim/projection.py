@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "PROJ_TYPES",
     "SVD_METHODS",
+    "back_project_update",
     "canonical_signs",
     "compute_projectors",
     "exact_svd",
@@ -223,3 +224,19 @@ def compute_projectors(
     left = canonical_signs(u).to(out_dtype).contiguous() if want_left else None
     right = canonical_signs(vh.mT).mT.to(out_dtype).contiguous() if want_right else None
     return left, right
+
+
+def back_project_update(p: Tensor, direction: Tensor, left: Tensor | None, right: Tensor | None, *, alpha: float,
+                        decay: float, decay_mode: str, extra: Tensor | None = None, beta: float = 1.0) -> None:
+    """``p <- p * decay - (alpha * back(direction) + beta * extra)`` (decay ``decay_mode`` the update) through
+    :func:`hfx_kernels.projection.projection_update`: ``back`` is ``L N`` (``a = L``, ``b = N``), ``N Rt``
+    (``a = N``, ``b = Rt``) or, two-sided, ``(L N) Rt`` with ``L N`` formed in torch."""
+    if left is not None and right is not None:
+        a, b = left.to(direction.dtype) @ direction, right
+    elif left is not None:
+        a, b = left, direction
+    else:
+        a, b = direction, right
+    from hfx_kernels.projection import projection_update  # the epilogue kernel (Triton on CUDA)
+
+    projection_update(p, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
