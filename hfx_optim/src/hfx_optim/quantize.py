@@ -31,7 +31,9 @@ Example::
     w_sr, scale = fake_quantize(w, "int8", stochastic=True, generator=sr_generator(0, 1, device=w.device))
 
 :func:`quantize_with_error_feedback` is the classic error-feedback compressor (quantize ``x + error``, carry the new
-error). ECO (:mod:`hfx_optim.eco`) uses :func:`fake_quantize`, which returns the dequantized values directly.
+error). These functions are the plain-torch definition of the formats; ECO's step itself (:mod:`hfx_optim.eco`) runs
+the fused requantize of :mod:`hfx_kernels.quantize` (same grid and scales, Philox noise drawn identically by its
+Triton kernel and its torch path), whose tests check it against this module.
 """
 
 from __future__ import annotations
