@@ -72,7 +72,7 @@ def adamw_case(total: int, device) -> Case:
     p = tensor_set(total, device)
     g, m, v = ([torch.rand_like(x) for x in p] for _ in range(3))
     kw = dict(steps=10, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    scalars = K._scalars(len(p), 10, 1e-3, (0.9, 0.999), 1e-8, "torch", True)
+    scalars = K.step_scalars([10] * len(p), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     runs = {"torch": lambda: K.adamw_step(p, g, m, v, **kw), "adamw fused": fused_adamw(p, g)}
     if device.type == "cuda":
         runs["triton"] = lambda: K.adamw_step_triton(p, g, m, v, step_sizes=scalars[0], eps=scalars[1],
@@ -91,16 +91,16 @@ def fused_adamw(p, g):
 
 def mars_case(total: int, device) -> Case:
     from hfx_kernels import mars as K
+    from hfx_kernels.adamw import step_scalars
 
     p = tensor_set(total, device)
     g, gp, m, v = ([torch.rand_like(x) for x in p] for _ in range(4))
     kw = dict(steps=10, lr=1e-3, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_decay=0.01)
     runs = {"torch": lambda: K.mars_adamw_step(p, g, gp, m, v, **kw), "adamw fused": fused_adamw(p, g)}
     if device.type == "cuda":
-        scal = [K.adam_scalars(10, lr=1e-3, betas=(0.95, 0.99), eps=1e-8)] * len(p)
+        sizes, eps = step_scalars([10] * len(p), lr=1e-3, betas=(0.95, 0.99), eps=1e-8)
         runs["triton"] = lambda: K.mars_step_triton(p, g, gp, m, v, k=K.mars_k(0.025, 0.95), betas=(0.95, 0.99),
-                                                    step_sizes=[a for a, _ in scal], eps=[e for _, e in scal],
-                                                    decay=1 - 1e-5)
+                                                    step_sizes=sizes, eps=eps, decay=1 - 1e-5)
     n = sum(x.numel() for x in p)
     return Case("mars_adamw_step", f"{n / 1e6:.1f}M in {len(p)} tensors", n, 44 * n, runs, "adamw fused")
 
@@ -185,7 +185,7 @@ def tune(total: int, device) -> tuple[list[str], tuple[int, int]]:
 
     p = tensor_set(total, device)
     g, m, v = ([torch.rand_like(x) for x in p] for _ in range(3))
-    sizes, eps = K._scalars(len(p), 10, 1e-3, (0.9, 0.999), 1e-8, "torch", True)
+    sizes, eps = K.step_scalars([10] * len(p), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     results = {}
     for chunk in (4096, 16384, 65536):
         for block in (1024, 2048, 4096):

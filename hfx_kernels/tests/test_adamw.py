@@ -177,7 +177,7 @@ def test_torch_path_fast_form_equals_the_reference(dtype, monkeypatch):
     b = [[x.clone() for x in lst] for lst in a]
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
     K.adamw_step(*a, steps=[4, 1, 7], weight_decay=0.1, **kw)
-    sizes, eps = K._scalars(3, [4, 1, 7], kw["lr"], kw["betas"], kw["eps"], "torch", True)
+    sizes, eps = K.step_scalars([4, 1, 7], lr=kw["lr"], betas=kw["betas"], eps=kw["eps"])
     K.adamw_step_reference(*b, step_sizes=sizes, eps=eps, betas=kw["betas"], decay=1 - kw["lr"] * 0.1)
     rtol, atol = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
     for x, y in zip(a, b):
@@ -191,7 +191,7 @@ def test_adam_direction_torch_path_foreach_form_equals_the_reference(dtype, monk
     _, g, m, v = make_lists((6, 5), dtype, "cpu", state_dtype=dtype)
     g2, m2, v2 = ([x.clone() for x in lst] for lst in (g, m, v))
     out, factors = K.adam_direction(g, m, v, steps=[2, 1, 9], betas=(0.9, 0.99), eps=1e-8, eps_mode="torch")
-    sizes, eps = K._scalars(3, [2, 1, 9], 1.0, (0.9, 0.99), 1e-8, "torch", True)
+    sizes, eps = K.step_scalars([2, 1, 9], lr=1.0, betas=(0.9, 0.99), eps=1e-8)
     want = [torch.empty_like(x) for x in m2]
     K.adamw_step_reference(None, g2, m2, v2, step_sizes=sizes, eps=eps, betas=(0.9, 0.99), out=want)
     assert factors == sizes

@@ -9,6 +9,7 @@ import torch
 
 from hfx_kernels import mars as K
 from hfx_kernels._backend import CHUNK
+from hfx_kernels.adamw import adam_scalars
 from hfx_kernels.testing import TritonKernelConformance, kernel_device
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")
@@ -172,7 +173,7 @@ def test_mixed_dtypes_and_empty_tensors(backend, monkeypatch):
     v = [torch.zeros(9), torch.zeros(4, 3).bfloat16(), torch.zeros(0)]
     want = [[x.clone() for x in lst] for lst in (p, g, gp, m, v)]
     K.mars_adamw_step(p, g, gp, m, v, steps=1, lr=1e-2, betas=(0.9, 0.99), gamma=0.025, eps=1e-8)
-    step_size, eps = K.adam_scalars(1, lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    step_size, eps = adam_scalars(1, lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
     for i in range(3):  # the reference, one tensor at a time
         K.mars_step_reference(*[[lst[i]] for lst in want], k=K.mars_k(0.025, 0.9), betas=(0.9, 0.99),
                               step_sizes=[step_size], eps=[eps])
@@ -216,8 +217,6 @@ def test_bad_input_triton(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_path_multi_tensor_form_equals_the_reference(dtype, monkeypatch):
     """The torch path's foreach + fused-AdamW form equals the plain per-tensor reference, clip firing or not."""
-    from hfx_kernels.adamw import adam_scalars
-
     monkeypatch.setenv("HFX_KERNELS", "torch")
     torch.manual_seed(0)
     shapes = [(17, 5), (3,), (40,)]

@@ -179,15 +179,17 @@ def adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, *, step_sizes, eps, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _per_tensor(steps, n) -> list[int]:
+def per_tensor_steps(steps: int | Sequence[int], n: int, kernel: str = "adamw_step") -> list[int]:
+    """``steps`` as one step number per tensor (one int stands for all ``n``)."""
     steps = [steps] * n if isinstance(steps, int) else list(steps)
     if len(steps) != n:
-        raise ValueError(f"adamw_step: steps has {len(steps)} entries for {n} tensors")
+        raise ValueError(f"{kernel}: steps has {len(steps)} entries for {n} tensors")
     return steps
 
 
-def _scalars(n, steps, lr, betas, eps, eps_mode, correct_bias):
-    steps = _per_tensor(steps, n)
+def step_scalars(steps: Sequence[int], *, lr: float, betas: tuple[float, float], eps: float, eps_mode: str = "torch",
+                 correct_bias: bool = True) -> tuple[list[float], list[float]]:
+    """:func:`adam_scalars` for each tensor's step: ``(step_sizes, eps')`` as two lists."""
     pairs = [adam_scalars(t, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias) for t in steps]
     return [s for s, _ in pairs], [e for _, e in pairs]
 
@@ -203,7 +205,7 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
         raise ValueError(f"unknown decay_mode {decay_mode!r}: use 'before' (torch.optim.AdamW) or 'after'")
     check_same_shapes({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                       "adamw_step")
-    steps = _per_tensor(steps, len(params))
+    steps = per_tensor_steps(steps, len(params))
     if use_triton([*params, *grads, *exp_avgs, *exp_avg_sqs], "adamw_step"):
         impl = adamw_step_triton
     elif torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale):
@@ -212,7 +214,7 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
         return
     else:
         impl = adamw_step_reference
-    step_sizes, eps_list = _scalars(len(params), steps, lr, betas, eps, eps_mode, correct_bias)
+    step_sizes, eps_list = step_scalars(steps, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
     impl(params, grads, exp_avgs, exp_avg_sqs, step_sizes=step_sizes, eps=eps_list, betas=betas,
          decay=1.0 - lr * weight_decay, decay_mode=decay_mode, grad_scale=grad_scale)
 
@@ -245,7 +247,8 @@ def adam_direction(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_
     ``out`` (new tensors of the moments' dtype by default). Triton on CUDA, torch elsewhere."""
     check_same_shapes({"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, "adam_direction")
     out = list(out) if out is not None else [torch.empty_like(m) for m in exp_avgs]
-    factors, eps_list = _scalars(len(grads), steps, 1.0, betas, eps, eps_mode, correct_bias)
+    factors, eps_list = step_scalars(per_tensor_steps(steps, len(grads), "adam_direction"), lr=1.0, betas=betas,
+                                     eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
     tensors = [*grads, *exp_avgs, *exp_avg_sqs, *out]
     if use_triton(tensors, "adam_direction"):
         adamw_step_triton(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas, out=out)

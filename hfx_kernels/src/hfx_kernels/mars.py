@@ -44,7 +44,7 @@ from hfx_kernels._backend import (
     triton,
     use_triton,
 )
-from hfx_kernels.adamw import adam_scalars, torch_fused_adamw, torch_fused_applies
+from hfx_kernels.adamw import per_tensor_steps, step_scalars, torch_fused_adamw, torch_fused_applies
 
 UPDATES = ("adamw", "lion")
 
@@ -218,10 +218,8 @@ def mars_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grad
     ``prev_grads[i]`` for the next step. Triton on CUDA, torch elsewhere."""
     check_same_shapes({"params": params, "grads": grads, "prev_grads": prev_grads, "exp_avgs": exp_avgs,
                        "exp_avg_sqs": exp_avg_sqs}, "mars_step")
-    steps = [steps] * len(params) if isinstance(steps, int) else list(steps)
-    if len(steps) != len(params):
-        raise ValueError(f"mars_step: steps has {len(steps)} entries for {len(params)} tensors")
-    pairs = [adam_scalars(t, lr=lr, betas=betas, eps=eps, eps_mode="torch") for t in steps]
+    steps = per_tensor_steps(steps, len(params), "mars_step")
+    step_sizes, eps_list = step_scalars(steps, lr=lr, betas=betas, eps=eps)
     tensors = [*params, *grads, *prev_grads, *exp_avgs, *exp_avg_sqs]
     if use_triton(tensors, "mars_step"):
         impl = mars_step_triton
@@ -232,8 +230,7 @@ def mars_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grad
     else:
         impl = mars_step_reference
     impl(params, grads, prev_grads, exp_avgs, exp_avg_sqs, k=mars_k(gamma, betas[0]), betas=betas,
-         step_sizes=[s for s, _ in pairs], eps=[e for _, e in pairs], decay=1.0 - lr * weight_decay,
-         update="adamw", store_grads=store_grads)
+         step_sizes=step_sizes, eps=eps_list, decay=1.0 - lr * weight_decay, update="adamw", store_grads=store_grads)
 
 
 def _fast_torch_applies(params, grads, prev_grads, exp_avgs, exp_avg_sqs) -> bool:
