@@ -43,10 +43,6 @@ def spin_args(output_dir, **overrides) -> SPINConfig:
     return fast_training_args(SPINConfig, output_dir, **{"max_length": 64, "optim": "adamw_torch", **overrides})
 
 
-def logged(trainer, key: str, step: int = 1) -> float:
-    return next(h[key] for h in trainer.state.log_history if h.get("step") == step and key in h)
-
-
 # --------------------------------------------------------------------------------------------------
 # Conformance: 2 steps on the tiny model change every trainable parameter
 # --------------------------------------------------------------------------------------------------
@@ -75,22 +71,10 @@ class TestSPINHingeConformance(TrainerConformance):
 # --------------------------------------------------------------------------------------------------
 
 
-def summed_logps(model, prompt_ids, completion_ids) -> torch.Tensor:
-    """Σ log p(completion token | prefix) with a plain forward and log_softmax (no TRL code, no fused head)."""
-    out = []
-    with torch.no_grad():
-        for p, c in zip(prompt_ids, completion_ids):
-            ids = torch.tensor([list(p) + list(c)])
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
-            targets = ids[0, len(p) :]
-            out.append(logprobs[len(p) - 1 : -1].gather(-1, targets[:, None]).sum())
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize(
     ("loss_type", "precompute"), [("sigmoid", False), ("hinge", False), ("sigmoid", True)], ids=str
 )
-def test_logged_loss_is_spin_loss_of_policy_and_opponent(tmp_path, loss_type, precompute):
+def test_logged_loss_is_spin_loss_of_policy_and_opponent(tmp_path, loss_type, precompute, summed_logps, logged):
     path = shared_tiny_model_dir("qwen2")
     opponent = tiny_model("qwen2", seed=1)  # different weights than the policy, so the margin is not 0
     args = spin_args(tmp_path, max_steps=1, loss_type=loss_type, beta=0.5, precompute_ref_log_probs=precompute)
@@ -125,7 +109,7 @@ def test_logged_loss_is_spin_loss_of_policy_and_opponent(tmp_path, loss_type, pr
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["frozen_copy", "precomputed"])
-def test_step0_policy_equals_opponent_sigmoid_is_log2(tmp_path, precompute):
+def test_step0_policy_equals_opponent_sigmoid_is_log2(tmp_path, precompute, logged):
     args = spin_args(tmp_path, max_steps=1, precompute_ref_log_probs=precompute)
     trainer = SPINTrainer(model=str(shared_tiny_model_dir("qwen2")), args=args, train_dataset=spin_dataset(2))
     assert (trainer.ref_model is None) == precompute  # precomputed: one model in memory
@@ -134,7 +118,7 @@ def test_step0_policy_equals_opponent_sigmoid_is_log2(tmp_path, precompute):
     assert logged(trainer, "rewards/margins") == pytest.approx(0.0, abs=1e-6)
 
 
-def test_step0_lora_opponent_is_the_base_model(tmp_path):
+def test_step0_lora_opponent_is_the_base_model(tmp_path, logged):
     from peft import LoraConfig
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -148,7 +132,7 @@ def test_step0_lora_opponent_is_the_base_model(tmp_path):
     assert logged(trainer, "loss", 2) != pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_reference_free_loss(tmp_path):
+def test_reference_free_loss(tmp_path, logged):
     args = spin_args(tmp_path, max_steps=1, per_device_train_batch_size=1, reference_free=True, beta=0.3)
     trainer = SPINTrainer(model=str(shared_tiny_model_dir("qwen2")), args=args, train_dataset=spin_dataset(1))
     trainer.train()

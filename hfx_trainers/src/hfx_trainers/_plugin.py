@@ -5,17 +5,34 @@ Imports only hfx and the standard library: discovery must not import torch or tr
 from hfx import hookimpl
 
 SPIN_PAPER = ("Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models", "2401.01335")
+SPPO_PAPER = ("Self-Play Preference Optimization for Language Model Alignment", "2405.00675")
+RSPO_PAPER = ("Game-Theoretic Regularized Self-Play Alignment of Large Language Models", "2503.00030")
+INPO_PAPER = (
+    "Iterative Nash Policy Optimization: Aligning LLMs with General Preferences via No-Regret Learning",
+    "2407.00617",
+)
+
+# name -> (module, description, paper)
+SELF_PLAY = {
+    "spin": ("SPIN (one iteration): DPO-style logistic/hinge loss, real answers vs the opponent's generations",
+             SPIN_PAPER),
+    "sppo": ("SPPO (one iteration): squared regression of log-ratios vs π_t onto η·(win rate − ½)", SPPO_PAPER),
+    "rspo": ("RSPO (one iteration): SPPO against π_t plus a divergence regularizer toward a fixed π_ref", RSPO_PAPER),
+    "inpo": ("INPO (one iteration): no-regret squared loss on pairs with anchors π_t and π_ref", INPO_PAPER),
+}
 
 
 @hookimpl
 def hfx_register(registry):
     registry.options("trainers", {})
-    registry.trainer(
-        "spin",
-        "hfx_trainers.spin:SPINTrainer",
-        config="hfx_trainers.spin:SPINConfig",
-        dataset_format="preference",
-        description="SPIN (one iteration): DPO-style logistic/hinge loss, real answers vs the opponent's generations",
-        paper=SPIN_PAPER,
-        requires={"trl": ">=1.16"},
-    )
+    for name, (description, paper) in SELF_PLAY.items():
+        cls = name.upper()
+        registry.trainer(
+            name,
+            f"hfx_trainers.{name}:{cls}Trainer",
+            config=f"hfx_trainers.{name}:{cls}Config",
+            dataset_format="preference",
+            description=description,
+            paper=paper,
+            requires={"trl": ">=1.16"},
+        )
