@@ -30,3 +30,17 @@ def test_optimizers_example(optimizer, isolated, tiny_model_dir, monkeypatch):
     result = example.main(*example.make_parser().parse_args_and_config())
     assert result["optimizer"].lower().startswith(optimizer[:4])
     assert 0.0 <= result["after"] <= 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["spin", "sppo", "rspo", "inpo"])
+def test_self_play_examples(algorithm, isolated, tiny_model_dir, monkeypatch):
+    example = load(algorithm)
+    monkeypatch.setattr(sys, "argv", [
+        f"{algorithm}.py", "--config", str(EXAMPLES / f"{algorithm}.yaml"), "--model_name_or_path",
+        str(tiny_model_dir("qwen2")), "--num_prompts", "4", "--num_iterations", "1", "--max_new_tokens", "3",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--output_dir", str(isolated / "out")])
+    parsed = example.script.make_parser().parse_args_and_config()
+    assert parsed[1].num_iterations == 1 and parsed[2].output_dir == str(isolated / "out")  # flags beat the YAML
+    summary = example.script.main(*parsed)
+    assert summary["algorithm"] == algorithm and len(summary["iterations"]) == 1
+    assert (isolated / "out" / "iteration-0" / "state.json").is_file()

@@ -6,6 +6,7 @@ registry/facade wiring.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -256,14 +257,19 @@ def test_facade_and_registry():
     assert SPINTrainer._name == "SPIN" and "spin" in SPINTrainer._tag_names
 
 
-def test_hfx_spin_command_on_the_toy_task(tmp_path):
+def test_hfx_spin_command_runs_the_self_play_loop_on_the_toy_task(tmp_path):
     from hfx.cli import main
 
     out = tmp_path / "out"
     argv = ["spin", "--model_name_or_path", str(shared_tiny_model_dir("qwen2")), "--dataset_name", "toy:arithmetic",
-            "--max_steps", "1", "--output_dir", str(out), "--use_cpu", "true", "--bf16", "false",
-            "--report_to", "none", "--save_strategy", "no", "--per_device_train_batch_size", "2",
-            "--loss_type", "hinge", "--beta", "0.2", "--optim", "adamw_torch"]
+            "--num_prompts", "4", "--num_iterations", "1", "--max_new_tokens", "2", "--max_steps", "1",
+            "--output_dir", str(out), "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+            "--save_strategy", "no", "--per_device_train_batch_size", "2", "--loss_type", "hinge", "--beta", "0.2",
+            "--optim", "adamw_torch"]
     assert main(argv) == 0
-    args = torch.load(out / "training_args.bin", weights_only=False)
-    assert type(args) is SPINConfig and args.loss_type == ["hinge"] and args.beta == 0.2
+    config = json.loads((out / "iteration-0" / "trainer_config.json").read_text())
+    assert config["loss_type"] == ["hinge"] and config["beta"] == 0.2 and config["precompute_ref_log_probs"]
+    state = json.loads((out / "iteration-0" / "state.json").read_text())
+    assert state["algorithm"] == "spin" and state["num_prompts"] == 4
+    assert state["num_pairs"] + state["ties_dropped"] == 4  # one generation per prompt, against its answer
+    assert 0.0 <= state["eval_after"] <= 1.0  # the toy task's metric

@@ -14,11 +14,11 @@ INPO_PAPER = (
 
 # name -> (module, description, paper)
 SELF_PLAY = {
-    "spin": ("SPIN (one iteration): DPO-style logistic/hinge loss, real answers vs the opponent's generations",
+    "spin": ("SPIN: DPO-style logistic/hinge loss, real answers vs the opponent's generations, iterated",
              SPIN_PAPER),
-    "sppo": ("SPPO (one iteration): squared regression of log-ratios vs π_t onto η·(win rate − ½)", SPPO_PAPER),
-    "rspo": ("RSPO (one iteration): SPPO against π_t plus a divergence regularizer toward a fixed π_ref", RSPO_PAPER),
-    "inpo": ("INPO (one iteration): no-regret squared loss on pairs with anchors π_t and π_ref", INPO_PAPER),
+    "sppo": ("SPPO: squared regression of log-ratios vs π_t onto η·(win rate − ½)", SPPO_PAPER),
+    "rspo": ("RSPO: SPPO against π_t plus a divergence regularizer toward a fixed π_ref", RSPO_PAPER),
+    "inpo": ("INPO: no-regret squared loss on pairs with anchors π_t and π_ref", INPO_PAPER),
 }
 
 
@@ -32,6 +32,8 @@ def hfx_register(registry):
             f"hfx_trainers.{name}:{cls}Trainer",
             config=f"hfx_trainers.{name}:{cls}Config",
             dataset_format="preference",
+            script=f"hfx_trainers.selfplay_script:{name}",  # hfx <name>: the whole iterative run
+            demo=f"hfx_trainers.demo:{name}",
             description=description,
             paper=paper,
             requires={"trl": ">=1.16"},

@@ -72,7 +72,7 @@ class RSPOConfig(SPPOConfig):
     ``regularizer_clip`` the clip in force (an official string may fix it).
     """
 
-    regularizer: dict | str = field(
+    regularizer: dict | str | None = field(
         default="reverse_kl",
         metadata={"help": "RSPO regularizer: a kind, a JSON {kind: coefficient} mapping, or an official loss_type."},
     )

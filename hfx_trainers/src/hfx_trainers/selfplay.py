@@ -114,7 +114,10 @@ class SelfPlayArguments:
         iteration_overrides: ``{t: {config field: value}}`` applied to iteration t's trainer config, e.g. SPIN's
             official ``{3: {"beta": 5.0, "learning_rate": 1e-7}}``.
         resume: skip finished iterations (those with ``state.json``) and continue from the last saved model.
-        seed: generation seed; iteration t uses ``seed + t``.
+        generation_seed: sampling seed; iteration t uses ``generation_seed + t`` (the trainer config's ``seed``
+            seeds training).
+
+    The dict fields also take a JSON string (command lines, YAML).
 
     >>> SelfPlayArguments(num_iterations=2).resolved("sppo").num_generations
     5
@@ -126,19 +129,30 @@ class SelfPlayArguments:
     temperature: float | None = None
     top_p: float | None = None
     do_sample: bool | None = None
-    generation_kwargs: dict[str, Any] = field(default_factory=dict)
+    generation_kwargs: dict | str | None = field(default_factory=dict)
     generation_batch_size: int = 16
     use_vllm: bool = False
-    vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    vllm_kwargs: dict | str | None = field(default_factory=dict)
     selection: str | None = None
     drop_ties: bool = True
     mixing_window: int | None = None
     prompt_splits: int = 1
-    iteration_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
+    iteration_overrides: dict | str | None = field(default_factory=dict)
     resume: bool = True
-    seed: int = 0
+    generation_seed: int = 0
 
     def __post_init__(self):
+        for name in ("generation_kwargs", "vllm_kwargs", "iteration_overrides"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, {})
+            elif isinstance(value, str):
+                try:
+                    setattr(self, name, json.loads(value) if value.strip() else {})
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{name} must be a dict or a JSON object string; got {value!r} ({err})") from None
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"{name} must be a dict or a JSON object string; got {type(getattr(self, name)).__name__}")
         for name in ("num_iterations", "max_new_tokens", "generation_batch_size", "prompt_splits"):
             _check_count(name, getattr(self, name))
         for name in ("num_generations", "mixing_window"):
@@ -800,10 +814,10 @@ class SelfPlayDriver:
             return [], {**seconds, "ties": 0}
         from transformers import set_seed
 
-        set_seed(sp.seed + t)
+        set_seed(sp.generation_seed + t)
         start = time.perf_counter()
         if sp.use_vllm:
-            candidates = _vllm_completions(str(source), self.tokenizer, texts, sp, sp.seed + t)
+            candidates = _vllm_completions(str(source), self.tokenizer, texts, sp, sp.generation_seed + t)
         else:
             candidates = generate_completions(
                 policy, self.tokenizer, texts, sp.num_generations, sp.max_new_tokens, sp.generation_batch_size,

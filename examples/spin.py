@@ -1,0 +1,15 @@
+"""SPIN self-play from the command line: generate with π_t, build pairs, train π_{t+1}, repeat (TRL-style: YAML, then
+flags). On the toy task by default (toy warm start, toy data, toy preference oracle), or any model and dataset:
+
+    python examples/spin.py --config examples/spin.yaml
+    python examples/spin.py --config examples/spin.yaml --model_name_or_path ./my-sft-model \
+        --dataset_name ./prompts.jsonl --output_dir spin-run     # + --preference_model for SPPO/RSPO/INPO
+
+The same as `hfx spin`; the arguments are listed by `python examples/spin.py --help`
+(hfx_trainers.selfplay_script).
+"""
+
+from hfx_trainers.selfplay_script import spin as script
+
+if __name__ == "__main__":
+    script.main(*script.make_parser().parse_args_and_config())
