@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -497,39 +498,47 @@ def test_non_probability_preference_model_is_rejected(model_path, tmp_path):
 DDP_SCRIPT = """
 import json, sys
 from hfx.testing import apply_offline_env, fast_training_args, make_tiny_datasets
+from hfx_trainers.inpo import INPOConfig
 from hfx_trainers.preference import from_reward_fn
+from hfx_trainers.rspo import RSPOConfig
 from hfx_trainers.selfplay import SelfPlayArguments, SelfPlayDriver
-from hfx_trainers.spin import SPINConfig, SPINTrainer
+from hfx_trainers.spin import SPINConfig
 
 apply_offline_env()
 model, out = sys.argv[1], sys.argv[2]
-
-class SPPO(SPINTrainer):
-    _name = "SPPO"
-    scalar_columns = ("chosen_win_prob", "rejected_win_prob", "pair_win_prob")
-
 data = make_tiny_datasets(5)["preference"].remove_columns("rejected")
-args = fast_training_args(SPINConfig, out + "/spin", max_steps=1, max_length=64, optim="adamw_torch")
-spin = SelfPlayDriver("spin", model, args, data, SelfPlayArguments(num_iterations=2, max_new_tokens=3,
-                                                                   drop_ties=False))
-spin.run()
-args = fast_training_args(SPINConfig, out + "/sppo", max_steps=1, max_length=64, optim="adamw_torch")
 prefer = from_reward_fn(lambda p, c: [float(len(x)) for x in c])
-sppo = SelfPlayDriver(SPPO, model, args, data.select_columns(["prompt"]),
-                      SelfPlayArguments(num_iterations=1, num_generations=2, max_new_tokens=3, drop_ties=False),
-                      preference_model=prefer)
-sppo.run()
+common = dict(max_steps=1, max_length=64, optim="adamw_torch", per_device_train_batch_size=4, logging_steps=1)
+spin = SelfPlayDriver("spin", model, fast_training_args(SPINConfig, out + "/spin", **common), data,
+                      SelfPlayArguments(num_iterations=2, max_new_tokens=3, drop_ties=False))
+spin.run()
+sampled = dict(num_iterations=1, num_generations=3, max_new_tokens=3, drop_ties=False)
+rspo = SelfPlayDriver("rspo", model, fast_training_args(RSPOConfig, out + "/rspo", beta=0.5, **common),
+                      data.select_columns(["prompt"]), SelfPlayArguments(**sampled), preference_model=prefer)
+rspo.run()
+inpo = SelfPlayDriver("inpo", model, fast_training_args(INPOConfig, out + "/inpo", eta=0.1, tau=0.0, **common),
+                      data.select_columns(["prompt"]), SelfPlayArguments(**sampled), preference_model=prefer)
+inpo.run()
 if spin.args.process_index == 0:
-    json.dump({"spin": spin.history, "sppo": sppo.history, "world": spin.args.world_size},
+    json.dump({"spin": spin.history, "rspo": rspo.history, "world": spin.args.world_size},
               open(out + "/result.json", "w"))
 """
 
 
+def first_step_log(folder) -> dict:
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return next(h for h in history if h.get("step") == 1 and "loss" in h)
+
+
 @pytest.mark.slow
-def test_two_processes_gather_shards_in_order(model_path, tmp_path):
+def test_accelerate_launch_two_processes(model_path, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine runs 2 processes over gloo (with
+    `--cpu`, accelerate starts 2 processes only through MPI). Real SPIN/RSPO/INPO trainers run under DDP."""
     script = tmp_path / "ddp_selfplay.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
            str(script), model_path, str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -538,6 +547,10 @@ def test_two_processes_gather_shards_in_order(model_path, tmp_path):
     prompts = make_tiny_datasets(5)["preference"]["prompt"][:]
     spin = load_from_disk(str(tmp_path / "spin" / "iteration-1" / "pairs"))
     assert spin["prompt"][:] == prompts * 2 and spin["iteration"][:] == [0] * 5 + [1] * 5
-    sppo = load_from_disk(str(tmp_path / "sppo" / "iteration-0" / "pairs"))
-    assert sppo["prompt"][:] == prompts and sppo["prompt_index"][:] == list(range(5))
     assert [h["num_pairs"] for h in result["spin"]] == [5, 10]
+    rspo = load_from_disk(str(tmp_path / "rspo" / "iteration-0" / "pairs"))
+    assert rspo["prompt"][:] == prompts and rspo["prompt_index"][:] == list(range(5))
+    # π_t's log-probs, precomputed over 2 shards and gathered, line up with their rows: at step 1 (π_θ = π_t = π_ref)
+    # RSPO's reverse KL is 0 and INPO's h (τ = 0: Δ_θ − Δ_t) is 0.
+    assert first_step_log(tmp_path / "rspo" / "iteration-0")["loss/regularizer"] == pytest.approx(0.0, abs=1e-6)
+    assert first_step_log(tmp_path / "inpo" / "iteration-0")["h/mean"] == pytest.approx(0.0, abs=1e-5)
