@@ -185,6 +185,7 @@ def test_decode_stops_at_the_first_eos():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.floor
 def test_spin_two_iterations_mixing_overrides_and_eval(model_path, tmp_path, monkeypatch):
     spy = GenerationSpy(monkeypatch)
     evals = []
@@ -269,6 +270,7 @@ def test_prompt_splits_cycle(model_path, tmp_path, monkeypatch):
     assert [h["prompt_split"] for h in driver.history] == [0, 1, 2, 0]
 
 
+@pytest.mark.floor
 def test_lora_adapter_is_merged_each_iteration(model_path, tmp_path):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -339,6 +341,7 @@ def test_two_anchor_reference_is_the_initial_model_and_released(model_path, tmp_
     assert gap.abs().max() > 1e-3
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("name", ["sppo", "rspo", "inpo"])
 def test_real_trainers_first_step_loss_from_the_built_pairs(model_path, tmp_path, name):
     """At step 1 the policy is π_t (and π_ref): SPPO/RSPO's loss is ½[(η(p_w − ½))² + (η(p_l − ½))²] of the saved

@@ -49,6 +49,7 @@ def spin_args(output_dir, **overrides) -> SPINConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.floor
 class TestSPINConformance(TrainerConformance):
     supports_peft = True
 

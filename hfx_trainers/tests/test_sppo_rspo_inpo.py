@@ -62,6 +62,7 @@ def policy_model():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.floor
 class TestSPPOConformance(TrainerConformance):
     supports_peft = True
 
@@ -70,6 +71,7 @@ class TestSPPOConformance(TrainerConformance):
         return SPPOTrainer(model=str(model_path), args=args, train_dataset=pairs(), peft_config=peft_config)
 
 
+@pytest.mark.floor
 class TestRSPOConformance(TrainerConformance):
     supports_peft = True
 
@@ -78,6 +80,7 @@ class TestRSPOConformance(TrainerConformance):
         return RSPOTrainer(model=str(model_path), args=args, train_dataset=pairs(), peft_config=peft_config)
 
 
+@pytest.mark.floor
 class TestINPOConformance(TrainerConformance):
     supports_peft = True
 
