@@ -256,11 +256,8 @@ class PairwiseTrainer(HfxTrainerMixin, DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         # TRL's version forwards every batch key but its own to the model: drop the float columns.
-        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in self._extra_keys})
-
-    @property
-    def _extra_keys(self) -> frozenset:
-        return self._non_model_keys - {"completion_mask", *REFERENCE_COLUMNS}
+        extra = self._non_model_keys - {"completion_mask", *REFERENCE_COLUMNS}
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in extra})
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -147,7 +147,7 @@ class SPPOTrainer(PairwiseTrainer):
     describe_columns = _DESCRIBE
 
     def required_columns(self, args) -> list[str]:
-        return sppo_required_columns(single_loss_type("SPPOConfig", args.loss_type, SPPO_LOSS_TYPES, "")[0])
+        return sppo_required_columns(args.loss_type[0])  # the config normalised it to a one-element list
 
     def column_hints(self, missing, have):
         return win_prob_hints(missing, have)
@@ -161,12 +161,8 @@ class SPPOTrainer(PairwiseTrainer):
             return inputs["pair_win_prob"].to(like.device), None
         return None, None
 
-    def sppo_terms(self, chosen_logps, rejected_logps, inputs):
-        """Per-example SPPO loss against π_t (DPO's reference), and the log entries."""
-        opponent_chosen, opponent_rejected = (x.to(chosen_logps.device) for x in self.reference_logps(inputs))
-        return self._sppo_terms(chosen_logps, rejected_logps, opponent_chosen, opponent_rejected, inputs)
-
     def _sppo_terms(self, chosen_logps, rejected_logps, opponent_chosen, opponent_rejected, inputs):
+        """Per-example SPPO loss against the opponent π_t, and the log entries."""
         p_w, p_l = self.win_probs(inputs, chosen_logps)
         per_example = sppo_loss(chosen_logps, rejected_logps, opponent_chosen, opponent_rejected, p_w, p_l,
                                 beta=self.beta, loss_type=self.args.loss_type[0])
@@ -184,5 +180,8 @@ class SPPOTrainer(PairwiseTrainer):
         return per_example, metrics
 
     def pair_loss(self, chosen_logps, rejected_logps, inputs):
-        per_example, metrics = self.sppo_terms(chosen_logps, rejected_logps, inputs)
+        # π_t is DPO's reference model here
+        opponent_chosen, opponent_rejected = (x.to(chosen_logps.device) for x in self.reference_logps(inputs))
+        per_example, metrics = self._sppo_terms(chosen_logps, rejected_logps, opponent_chosen, opponent_rejected,
+                                                inputs)
         return per_example.mean(), metrics
