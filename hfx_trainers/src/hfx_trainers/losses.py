@@ -1,7 +1,8 @@
-"""Pure loss functions of the self-play trainers: SPIN, SPPO, RSPO and INPO.
+"""Pure loss functions of the hfx trainers: SPIN, SPPO, RSPO, INPO (self-play) and RPG, DRPO (RL).
 
-Each function takes per-sequence **summed** response log-probs, tensors of shape ``(B,)`` (one entry per prompt),
-and returns per-example losses of shape ``(B,)`` unless its docstring says otherwise. Nothing but torch is imported,
+The self-play functions take per-sequence **summed** response log-probs, tensors of shape ``(B,)`` (one entry per
+prompt), and return per-example losses of shape ``(B,)`` unless their docstring says otherwise; the RL functions
+(:func:`rpg_loss`, :func:`drpo_loss`) take per-token log-probs or per-completion scores and return the scalar loss. Nothing but torch is imported,
 so the trainers call these functions and the tests assert the spec's vectors without a model
 (``specs/trainers.md`` §2–§5).
 
@@ -15,6 +16,8 @@ Papers:
 * SPPO: Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675.
 * RSPO: Tang et al., "Game-Theoretic Regularized Self-Play Alignment of Large Language Models", arXiv 2503.00030.
 * INPO: Zhang et al., "Iterative Nash Policy Optimization", arXiv 2407.00617.
+* RPG: Zhang et al., "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning", arXiv 2505.17508.
+* DRPO: Li et al., "Decoupled Reward Policy Optimization", arXiv 2510.04474.
 
 Half-precision inputs are computed in float32 (SPPO's targets are of size η/2 = 500 at the official β, far beyond
 what bfloat16 resolves next to a log-ratio of order 1); float64 inputs, including float64 probabilities as the
@@ -34,12 +37,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "RPG_ESTIMATORS",
+    "RPG_KL_KINDS",
     "RSPO_REGULARIZER_KINDS",
     "SPIN_LOSS_TYPES",
     "SPPO_LOSS_TYPES",
+    "binary_rewards",
+    "drpo_loss",
+    "drpo_positive_weights",
     "implicit_reward",
     "inpo_loss",
     "resolve_rspo_regularizer",
+    "rpg_kl_term",
+    "rpg_loss",
+    "rpg_terms",
     "rspo_loss",
     "rspo_regularizer",
     "spin_loss",
@@ -601,3 +612,305 @@ def inpo_loss(
     opponent_delta = opponent_chosen_logps.to(dtype) - opponent_rejected_logps.to(dtype)
     h = policy_delta - ratio * ref_delta - (1.0 - ratio) * opponent_delta
     return (h - 1.0 / (2.0 * eta)) ** 2
+
+
+# --------------------------------------------------------------------------------------------------
+# RPG (arXiv 2505.17508)
+# --------------------------------------------------------------------------------------------------
+
+RPG_KL_KINDS = ("fkl", "rkl", "ufkl", "urkl")
+RPG_ESTIMATORS = ("differentiable", "reinforce")
+RPG_LEVELS = ("token", "sequence")
+_LOG_RATIO_GUARD = 20.0  # |log w| cap before exp: an overflow guard only (e^20 ≈ 5e8 is far outside any clip range)
+
+
+def _check_token_tensors(mask: Tensor, **named: Tensor) -> torch.dtype:
+    """Check that the named per-token tensors share ``mask``'s shape (B, T); return the float dtype to compute in."""
+    dtype = torch.float32
+    for name, value in named.items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor of shape (B, T)")
+        if value.shape != mask.shape:
+            raise ValueError(
+                f"shape mismatch: {name} has shape {tuple(value.shape)} but mask has shape {tuple(mask.shape)}; "
+                "pass per-token log-probs of the completions, shape (B, T), with their (B, T) mask"
+            )
+        dtype = torch.promote_types(dtype, value.dtype)
+    return dtype
+
+
+def _rpg_log_ratios(logps: Tensor, ref_logps: Tensor, old_logps: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(log w, log ρ) with w = π_θ/π_old and ρ = π_ref/π_old; ρ ≡ 1 when the reference is π_old itself."""
+    old = ref_logps if old_logps is None else old_logps
+    log_w = (logps - old).clamp(-_LOG_RATIO_GUARD, _LOG_RATIO_GUARD)
+    log_rho = (ref_logps - old).clamp(-_LOG_RATIO_GUARD, _LOG_RATIO_GUARD)
+    return log_w, log_rho
+
+
+def _rpg_kl_value(log_w: Tensor, log_rho: Tensor, kind: str) -> Tensor:
+    # E_{π_old}[term] is the divergence D (table in spec §6.1, generalised to a reference π_ref ≠ π_old by ρ).
+    w, rho = log_w.exp(), log_rho.exp()
+    if kind == "fkl":  # KL(π_ref‖π_θ)
+        return rho * (log_rho - log_w)
+    if kind == "rkl":  # KL(π_θ‖π_ref)
+        return w * (log_w - log_rho)
+    if kind == "ufkl":  # UKL(π_ref‖π_θ): KL plus the mass correction Σπ_θ − Σπ_ref
+        return rho * (log_rho - log_w) + w - rho
+    return w * (log_w - log_rho) - w + rho  # urkl: UKL(π_θ‖π_ref)
+
+
+def _rpg_kl_slope(log_w: Tensor, log_rho: Tensor, kind: str) -> Tensor:
+    # d term / d log π_θ: the per-sample weight of ∇log π_θ in ∇D (REINFORCE form of the same gradient).
+    w, rho = log_w.exp(), log_rho.exp()
+    if kind == "fkl":
+        return -rho
+    if kind == "rkl":
+        return w * (log_w - log_rho + 1.0)
+    if kind == "ufkl":
+        return w - rho
+    return w * (log_w - log_rho)  # urkl
+
+
+def rpg_kl_term(logps: Tensor, ref_logps: Tensor, kind: str = "ufkl", old_logps: Tensor | None = None) -> Tensor:
+    """RPG's per-sample KL surrogate (Zhang et al., arXiv 2505.17508, Table 1; spec §6.1), elementwise.
+
+    Samples come from π_old; ``w = π_θ/π_old``. With the paper's iterative reference (``old_logps=None``: the
+    reference *is* π_old, ``ref_logps`` holds π_old's log-probs) the terms are::
+
+        fkl  −log w            (KL(π_old‖π_θ))         rkl   w·log w          (KL(π_θ‖π_old))
+        ufkl w − log w − 1     (unnormalised forward)  urkl  w·(log w − 1) + 1 (unnormalised reverse)
+
+    With a fixed reference π_ref ≠ π_old pass ``old_logps`` too; then ``ρ = π_ref/π_old`` enters as the importance
+    weight of the reference side (fkl ``ρ·log(ρ/w)``, rkl ``w·log(w/ρ)``, ufkl ``ρ·log(ρ/w) + w − ρ``,
+    urkl ``w·log(w/ρ) − w + ρ``). Each term's mean under π_old equals the divergence, and its gradient is the
+    divergence's gradient. Works on any shape: per token (B, T) or per sequence (B,) summed log-probs.
+
+    >>> round(rpg_kl_term(torch.tensor([-1.0]), torch.tensor([-1.2]), "ufkl").item(), 6)  # w = e^0.2
+    0.021403
+    """
+    _check_choice("kind", kind, RPG_KL_KINDS)
+    log_w, log_rho = _rpg_log_ratios(logps, ref_logps, old_logps)
+    return _rpg_kl_value(log_w, log_rho, kind)
+
+
+class RPGTerms(NamedTuple):
+    """Per-token (or per-sequence) pieces of :func:`rpg_loss`, before the masked mean."""
+
+    loss: Tensor  # the surrogate whose gradient is −∇J
+    kl: Tensor  # the KL term's value (logged)
+    ratio: Tensor  # w = π_θ/π_old (detached)
+    clipped: Tensor  # bool: no gradient flows from the policy-gradient part (clip region)
+
+
+def rpg_terms(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    *,
+    kind: str = "ufkl",
+    estimator: str = "differentiable",
+    beta: float = 1e-4,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+    clip_c: float = 3.0,
+    ref_logps: Tensor | None = None,
+) -> RPGTerms:
+    """Elementwise RPG surrogate (see :func:`rpg_loss`); ``advantages`` broadcasts against ``logps``."""
+    _check_choice("kind", kind, RPG_KL_KINDS)
+    _check_choice("estimator", estimator, RPG_ESTIMATORS)
+    beta = _check_real("beta", beta)
+    if not (0 <= epsilon_low < 1 and epsilon_high >= 0):
+        raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0; got {epsilon_low!r}, {epsilon_high!r}")
+    if not clip_c > 1:
+        raise ValueError(f"clip_c (the dual-clip bound for negative advantages) must be > 1, got {clip_c!r}")
+    low, high = 1.0 - epsilon_low, 1.0 + epsilon_high
+    log_w, log_rho = _rpg_log_ratios(logps, old_logps if ref_logps is None else ref_logps,
+                                     None if ref_logps is None else old_logps)
+    w = log_w.exp()
+    kl = _rpg_kl_value(log_w, log_rho, kind)
+    if estimator == "differentiable":
+        # Dual-clip PPO on the advantage, plus β times the KL term (spec §6.1, the official "fully differentiable"
+        # scripts): for Â < 0 the loss is also capped at −c·Â.
+        pg = torch.maximum(-w * advantages, -w.clamp(low, high) * advantages)
+        pg = torch.where(advantages < 0, torch.minimum(pg, -clip_c * advantages), pg)
+        clipped = torch.where(advantages < 0, (w <= low) | (w >= clip_c), w >= high)
+        return RPGTerms(pg + beta * kl, kl.detach(), w.detach(), clipped)
+    # REINFORCE with RPG-Style Clip (the paper's Algorithm 2): loss −SG(w·A + C)·log π_θ where C = −β·∂term/∂log π_θ
+    # is taken at the clipped ratio w̄ and detached; A' = A + C/w picks the clip region like PPO's advantage sign.
+    logps_sg, w_sg = logps.detach(), w.detach()
+    c = (-beta * _rpg_kl_slope(log_w.clamp(math.log(low), math.log(high)), log_rho, kind)).detach()
+    a_prime = advantages + c / w_sg
+    live = torch.where(a_prime >= 0, w_sg < high, (w_sg > low) & (w_sg < clip_c))
+    # Outside the live region the loss is a constant (App. F's values, so loss values match the spec's vectors).
+    constant = torch.where(
+        a_prime >= 0,
+        -(advantages * high - c) * logps_sg,
+        torch.where(w_sg <= low, -(advantages * low - c) * logps_sg, -(advantages * clip_c + c) * logps_sg),
+    )
+    loss = torch.where(live, -(w_sg * advantages + c) * logps, constant)
+    return RPGTerms(loss, kl.detach(), w_sg, ~live)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def rpg_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    kind: str = "ufkl",
+    estimator: str = "differentiable",
+    beta: float = 1e-4,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+    clip_c: float = 3.0,
+    ref_logps: Tensor | None = None,
+    level: str = "token",
+) -> Tensor:
+    """RPG's policy loss (Zhang et al., "On the Design of KL-Regularized Policy Gradient Algorithms for LLM
+    Reasoning", arXiv 2505.17508; spec §6), the scalar mean over completion tokens.
+
+    ``logps``/``old_logps`` (and ``ref_logps``) are per-token log-probs (B, T) of the sampled completions under
+    π_θ, the rollout policy π_old (and a fixed reference); ``advantages`` is (B,) or (B, T) (RPG: reward minus the
+    group mean); ``mask`` (B, T) marks completion tokens. ``w = π_θ/π_old``.
+
+    * ``estimator="differentiable"``: dual-clip PPO on Â plus ``β·`` :func:`rpg_kl_term` — for Â ≥ 0
+      ``max(−wÂ, −clip(w, 1−ε_low, 1+ε_high)Â)``, for Â < 0 that value capped at ``−c·Â``.
+    * ``estimator="reinforce"``: REINFORCE with RPG-Style Clip (Algorithm 2): gradient ``−SG(w·Â + C)·∇log π_θ``
+      with the KL weight ``C`` computed at the clipped ratio; no gradient when A' = Â + C/w ≥ 0 and
+      w ≥ 1+ε_high, or A' < 0 and w ≤ 1−ε_low or w ≥ c.
+
+    The KL reference is π_old (``ref_logps=None``, the paper's iterative reference) or a fixed π_ref. Both
+    estimators have the same gradient where nothing is clipped. ``level="token"`` uses per-token ratios (the official
+    code); ``"sequence"`` uses whole-response ratios w = Π_t w_t, the paper's derivation, and averages over sequences.
+
+    >>> lp, old = torch.tensor([[-1.0, -2.0, -0.5, -1.5]]), torch.tensor([[-1.2, -1.8, -0.5, -1.0]])
+    >>> adv, mask = torch.tensor([[1.0, 1.0, -1.0, -1.0]]), torch.ones(1, 4)
+    >>> round(rpg_loss(lp, old, adv, mask, kind="fkl", beta=0.1, clip_c=10.0).item(), 6)  # spec §6.6
+    -0.047533
+    """
+    _check_choice("level", level, RPG_LEVELS)
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        raise ValueError("mask must be a (B, T) tensor marking the completion tokens")
+    anchors = {"old_logps": old_logps} if ref_logps is None else {"old_logps": old_logps, "ref_logps": ref_logps}
+    dtype = _check_token_tensors(mask, logps=logps, **anchors)
+    mask = mask.to(dtype)
+    advantages = torch.as_tensor(advantages, device=logps.device).to(dtype)
+    if advantages.shape not in (mask.shape[:1], mask.shape):
+        raise ValueError(f"advantages must have shape (B,) or (B, T) = {tuple(mask.shape)}; got "
+                         f"{tuple(advantages.shape)}")
+    if advantages.ndim == 1:
+        advantages = advantages.unsqueeze(1)
+    options = dict(kind=kind, estimator=estimator, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                   clip_c=clip_c)
+
+    def cast(x):
+        return None if x is None else x.to(dtype)
+
+    if level == "token":
+        terms = rpg_terms(logps.to(dtype), old_logps.to(dtype), advantages, ref_logps=cast(ref_logps), **options)
+        return _masked_mean(terms.loss, mask)
+    if advantages.shape[1] != 1:
+        raise ValueError("level='sequence' needs one advantage per sequence, shape (B,)")
+
+    def summed(x):
+        return None if x is None else (x.to(dtype) * mask).sum(dim=1)
+
+    terms = rpg_terms(summed(logps), summed(old_logps), advantages[:, 0], ref_logps=summed(ref_logps), **options)
+    return terms.loss.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# DRPO (arXiv 2510.04474)
+# --------------------------------------------------------------------------------------------------
+
+
+def binary_rewards(rewards: Tensor, threshold: float | None = None) -> Tensor:
+    """Rewards as booleans: exactly 0/1 values, or ``reward >= threshold`` when a threshold is given."""
+    rewards = torch.as_tensor(rewards)
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN or inf; a reward function must return a finite number per completion")
+    if threshold is not None:
+        return rewards >= threshold
+    if not ((rewards == 0) | (rewards == 1)).all():
+        bad = rewards[(rewards != 0) & (rewards != 1)].unique()[:5].tolist()
+        raise ValueError(
+            f"DRPO needs binary rewards (1 = correct, 0 = wrong), got values such as {bad}; pass reward_threshold "
+            "(a reward >= threshold counts as correct) to binarise them"
+        )
+    return rewards == 1
+
+
+def drpo_positive_weights(lengths: Tensor, positive: Tensor, *, lam: float, max_length: float) -> Tensor:
+    """Self-normalised weights w̃_i ∝ exp((1 − |y_i|/L_max)/λ) over one group's positives (0 elsewhere):
+    the KL-regularised length-reward distribution P* ∝ π_old⁺·exp(r_len/λ), estimated on π_old's samples."""
+    logits = -lengths.to(torch.float64) / (lam * max_length)
+    logits = logits.masked_fill(~positive, -math.inf)
+    return torch.softmax(logits, dim=0) if positive.any() else torch.zeros_like(logits)
+
+
+def drpo_loss(
+    scores: Tensor,
+    rewards: Tensor,
+    lengths: Tensor,
+    group_ids: Tensor,
+    *,
+    tau: float = 10.0,
+    lam: float = 0.1,
+    max_length: float,
+    kl: Tensor | None = None,
+    delta: float = 1e-4,
+    beta: float = 1e3,
+    reward_threshold: float | None = None,
+) -> Tensor:
+    """DRPO's loss (Li et al., "Decoupled Reward Policy Optimization", arXiv 2510.04474; spec §7), a scalar whose
+    *value* is the objective (the official code logs a placeholder whose gradient is right but value is not).
+
+    ``scores`` (N,) are s_θ(y) = mean token log-prob of each completion under π_θ; ``rewards`` (N,) binary;
+    ``lengths`` (N,) completion lengths |y|; ``group_ids`` (N,) the prompt each completion answers. Per group q
+    with positives P and negatives N::
+
+        J_q = Σ_{i∈P} w̃_i·s_i − τ·log( (1/|N|)·Σ_{j∈N} exp(s_j/τ) ),   w̃ = drpo_positive_weights(|y|, λ, L_max)
+        loss = −(1/#groups)·Σ_q J_q  +  SG(max(β·(KL − δ), 0))·KL
+
+    Groups without a positive or without a negative contribute 0 but count in #groups. ``kl`` is a scalar
+    KL(π_old‖π_θ) estimate (masked token mean of log π_old − log π_θ), or None for no trust-region penalty.
+    λ = inf gives uniform positive weights (DisCO-logL).
+
+    >>> s = torch.tensor([-0.30, -0.45, -0.60, -0.20, -0.5, -0.7, -0.4, -0.9])
+    >>> r = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0])
+    >>> lengths = torch.tensor([1000, 3000, 2000, 4000, 100, 200, 300, 400])
+    >>> round(drpo_loss(s, r, lengths, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), max_length=8192).item(), 6)
+    -0.042995
+    """
+    tau = _check_positive("tau", tau)
+    if not (isinstance(lam, numbers.Real) and lam > 0):
+        raise ValueError(f"lam (the length-reward KL strength λ) must be > 0 (inf = no length shaping), got {lam!r}")
+    max_length = _check_positive("max_length", max_length)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must have shape (N,): one mean log-prob per completion; got {tuple(scores.shape)}")
+    for name, value in (("rewards", rewards), ("lengths", lengths), ("group_ids", group_ids)):
+        if torch.as_tensor(value).shape != scores.shape:
+            raise ValueError(f"shape mismatch: {name} has shape {tuple(torch.as_tensor(value).shape)}, scores "
+                             f"{tuple(scores.shape)}")
+    positive = binary_rewards(rewards, reward_threshold).to(scores.device)
+    lengths = torch.as_tensor(lengths, device=scores.device)
+    groups = torch.as_tensor(group_ids, device=scores.device).unique()
+    objective = scores.new_zeros(())
+    for group in groups:
+        members = torch.as_tensor(group_ids, device=scores.device) == group
+        pos, neg = positive & members, ~positive & members
+        if not pos.any() or not neg.any():
+            continue
+        weights = drpo_positive_weights(lengths[members], pos[members], lam=lam, max_length=max_length)
+        positive_term = (weights.to(scores.dtype) * scores[members]).sum()
+        negative_term = tau * (torch.logsumexp(scores[neg] / tau, dim=0) - math.log(int(neg.sum())))
+        objective = objective + positive_term - negative_term
+    loss = -objective / len(groups)
+    if kl is not None:
+        coef = (beta * (kl.detach() - delta)).clamp(min=0)
+        loss = loss + coef * kl
+    return loss
