@@ -21,6 +21,17 @@ SELF_PLAY = {
     "inpo": ("INPO: no-regret squared loss on pairs with anchors π_t and π_ref", INPO_PAPER),
 }
 
+RPG_PAPER = ("On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning", "2505.17508")
+DRPO_PAPER = ("DRPO: Efficient Reasoning via Decoupled Reward Policy Optimization", "2510.04474")
+
+# name -> (description, paper): online RL on TRL's GRPOTrainer, trained on prompts with reward functions
+RL = {
+    "rpg": ("RPG: KL-regularized policy gradient (FKL/RKL/UFKL/URKL; dual-clip or REINFORCE with RPG-Style Clip)",
+            RPG_PAPER),
+    "drpo": ("DRPO: length-weighted positives and log-mean-exp negatives, decoupled, with a KL trust region",
+             DRPO_PAPER),
+}
+
 
 @hookimpl
 def hfx_register(registry):
@@ -34,6 +45,18 @@ def hfx_register(registry):
             dataset_format="preference",
             script=f"hfx_trainers.selfplay_script:{name}",  # hfx <name>: the whole iterative run
             demo=f"hfx_trainers.demo:{name}",
+            description=description,
+            paper=paper,
+            requires={"trl": ">=1.16"},
+        )
+    for name, (description, paper) in RL.items():
+        cls = name.upper()
+        registry.trainer(
+            name,
+            f"hfx_trainers.{name}:{cls}Trainer",
+            config=f"hfx_trainers.{name}:{cls}Config",
+            dataset_format="prompt",  # hfx <name> runs the generic runner: toy task + its reward by default
+            demo=f"hfx_trainers.rl_demo:{name}",
             description=description,
             paper=paper,
             requires={"trl": ">=1.16"},

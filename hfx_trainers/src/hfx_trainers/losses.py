@@ -17,7 +17,7 @@ Papers:
 * RSPO: Tang et al., "Game-Theoretic Regularized Self-Play Alignment of Large Language Models", arXiv 2503.00030.
 * INPO: Zhang et al., "Iterative Nash Policy Optimization", arXiv 2407.00617.
 * RPG: Zhang et al., "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning", arXiv 2505.17508.
-* DRPO: Li et al., "Decoupled Reward Policy Optimization", arXiv 2510.04474.
+* DRPO: Li et al., "DRPO: Efficient Reasoning via Decoupled Reward Policy Optimization", arXiv 2510.04474.
 
 Half-precision inputs are computed in float32 (SPPO's targets are of size η/2 = 500 at the official β, far beyond
 what bfloat16 resolves next to a log-ratio of order 1); float64 inputs, including float64 probabilities as the
@@ -866,8 +866,9 @@ def drpo_loss(
     beta: float = 1e3,
     reward_threshold: float | None = None,
 ) -> Tensor:
-    """DRPO's loss (Li et al., "Decoupled Reward Policy Optimization", arXiv 2510.04474; spec §7), a scalar whose
-    *value* is the objective (the official code logs a placeholder whose gradient is right but value is not).
+    """DRPO's loss (Li et al., "DRPO: Efficient Reasoning via Decoupled Reward Policy Optimization", arXiv 2510.04474;
+    spec §7), a scalar whose *value* is the objective (the official code logs a placeholder whose gradient is right
+    but value is not).
 
     ``scores`` (N,) are s_θ(y) = mean token log-prob of each completion under π_θ; ``rewards`` (N,) binary;
     ``lengths`` (N,) completion lengths |y|; ``group_ids`` (N,) the prompt each completion answers. Per group q
