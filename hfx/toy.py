@@ -254,6 +254,10 @@ class ArithmeticTask:
     split into disjoint eval (first ``n_eval``, default min(200, 20%)) and train (next ``n_train``, default the
     rest) sets.
 
+    ``verbose_tail=k`` makes the SFT completions verbose: each answer is followed by a space and 0..k dots (random per
+    item), text the reward ignores. A model warm-started on it answers at varying lengths, which is what
+    length-aware RL (DRPO) can shorten; the prompts, answers and reward are unchanged.
+
     Example::
 
         >>> task = ArithmeticTask(max_operand=10)
@@ -266,6 +270,7 @@ class ArithmeticTask:
     n_train: int | None = None
     n_eval: int | None = None
     seed: int = 0
+    verbose_tail: int = 0
 
     name: ClassVar[str] = "arithmetic"
     metric_name: ClassVar[str] = "accuracy"
@@ -310,6 +315,9 @@ class ArithmeticTask:
         prompts = self.prompts(split)
         answers = [self.answer(p) for p in prompts]
         if format == "prompt_completion":
+            if self.verbose_tail:
+                rng = random.Random(f"{self.seed}-{split}-tail")
+                answers = [f"{a} {'.' * rng.randint(0, self.verbose_tail)}" for a in answers]
             return Dataset.from_dict({"prompt": prompts, "completion": answers})
         if format == "prompt":
             return Dataset.from_dict({"prompt": prompts, "answer": answers})

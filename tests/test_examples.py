@@ -44,3 +44,19 @@ def test_self_play_examples(algorithm, isolated, tiny_model_dir, monkeypatch):
     summary = example.script.main(*parsed)
     assert summary["algorithm"] == algorithm and len(summary["iterations"]) == 1
     assert (isolated / "out" / "iteration-0" / "state.json").is_file()
+
+
+@pytest.mark.parametrize("algorithm", ["rpg", "drpo"])
+def test_rl_examples(algorithm, isolated, tiny_model_dir, monkeypatch):
+    example = load(algorithm)
+    monkeypatch.setattr(sys, "argv", [
+        f"{algorithm}.py", "--config", str(EXAMPLES / f"{algorithm}.yaml"), "--model_name_or_path",
+        str(tiny_model_dir("qwen2")), "--max_steps", "2", "--num_generations", "2", "--per_device_train_batch_size",
+        "4", "--max_completion_length", "4", "--output_dir", str(isolated / "out")])
+    parsed = example.script.make_parser().parse_args_and_config()
+    assert parsed[1].max_steps == 2 and parsed[1].per_device_train_batch_size == 4  # flags beat the YAML
+    assert parsed[1].learning_rate == 1e-4  # from the YAML
+    summary = example.script.main(*parsed)
+    assert summary["algorithm"] == algorithm and 0.0 <= summary["after"] <= 1.0
+    assert 1 <= summary["mean_completion_length"] <= 4
+    assert (isolated / "out" / "model.safetensors").is_file()

@@ -466,3 +466,15 @@ def test_warm_start_default_collaborator(tmp_path):
     rate = sum(r["reward"] for r in records) / len(records)
     assert 0.1 <= rate <= 0.9, rate
     assert sum(r["messages"][1]["content"].endswith("?") for r in records) / len(records) > 0.9  # learned to ask
+
+
+def test_arithmetic_verbose_tail_only_lengthens_sft_completions():
+    plain, verbose = toy.ArithmeticTask(max_operand=20), toy.ArithmeticTask(max_operand=20, verbose_tail=5)
+    answers = plain.dataset("train")["completion"]
+    tailed = verbose.dataset("train")["completion"]
+    tails = [t[len(a):] for a, t in zip(answers, tailed)]
+    assert all(t.startswith(a + " ") for a, t in zip(answers, tailed))
+    assert {len(t) - 1 for t in tails} == set(range(6)) and all(set(t[1:]) <= {"."} for t in tails)
+    prompts = verbose.prompts("train")
+    assert verbose.reward_fn(prompts, tailed) == [1.0] * len(prompts)  # the reward ignores the tail
+    assert verbose.dataset("train", "prompt")[:] == plain.dataset("train", "prompt")[:]

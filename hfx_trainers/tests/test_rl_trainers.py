@@ -321,3 +321,101 @@ def test_docstring_examples(module):
     failures, _ = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0
 
+
+
+def test_command_line_needs_a_reward_for_real_data(tmp_path):
+    from hfx_trainers.rl_script import RLScriptArguments, rpg as script
+
+    parser = script.make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config(args=[
+        "--dataset_name", str(tmp_path / "prompts.jsonl"), "--model_name_or_path", str(shared_tiny_model_dir()),
+        "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    assert isinstance(script_args, RLScriptArguments)
+    with pytest.raises(ValueError, match="needs --reward_funcs"):
+        script.main(script_args, training_args, model_args)
+
+
+def test_command_line_reward_import_string_and_toy_task_args(tmp_path):
+    from hfx_trainers.rl_script import drpo as script
+
+    parsed = script.make_parser().parse_args_and_config(args=[
+        "--model_name_or_path", str(shared_tiny_model_dir()), "--reward_funcs", "hfx.toy:reward_fn",
+        "--task_args", '{"max_operand": 10}', "--max_steps", "1", "--num_generations", "2",
+        "--per_device_train_batch_size", "2", "--max_completion_length", "3", "--output_dir", str(tmp_path),
+        "--use_cpu", "true", "--report_to", "none"])
+    summary = script.main(*parsed)
+    assert summary["algorithm"] == "drpo" and 0.0 <= summary["after"] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Two processes (DDP over gloo): groups stay whole on one process and in one micro-batch
+# --------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+from hfx.testing import apply_offline_env, fast_training_args, make_tiny_datasets
+from hfx_trainers.drpo import DRPOConfig, DRPOTrainer
+from hfx_trainers.rpg import RPGConfig, RPGTrainer
+
+apply_offline_env()
+model, out = sys.argv[1], sys.argv[2]
+data = make_tiny_datasets(16)["prompt_only"]
+
+def parity(completions, **kwargs):
+    return [float(sum(map(ord, c)) % 2) for c in completions]
+
+result = {}
+for name, config_cls, trainer_cls in (("drpo", DRPOConfig, DRPOTrainer), ("rpg", RPGConfig, RPGTrainer)):
+    args = fast_training_args(config_cls, f"{out}/{name}", per_device_train_batch_size=4, num_generations=2,
+                              gradient_accumulation_steps=2, max_steps=2, max_completion_length=6, warmup_steps=0,
+                              learning_rate=0.01)
+    trainer = trainer_cls(model=model, reward_funcs=parity, args=args, train_dataset=data)
+    groups, compute = [], trainer.compute_loss
+
+    def spy(model, inputs, *a, **k):
+        rows = [tuple(ids[m.bool()].tolist()) for ids, m in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
+        counts = sorted(rows.count(r) for r in set(rows))
+        groups.append({"counts": counts, "ids": inputs["group_ids"].tolist(),
+                       "same_prompt_same_id": all((rows[i] == rows[j]) == (inputs["group_ids"][i] ==
+                                                  inputs["group_ids"][j]) for i in range(len(rows))
+                                                  for j in range(len(rows)))})
+        return compute(model, inputs, *a, **k)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters())
+    result[name] = {"groups": groups, "checksum": checksum, "world": trainer.args.world_size}
+json.dump(result, open(f"{out}/rank{torch.distributed.get_rank()}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_keeps_groups(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (2 CPU processes over gloo): DRPO's micro-batches hold whole
+    prompt groups on each process (2 micro-batches per generation), and both trainers end with the same parameters on
+    both ranks."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "ddp_rl.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29524",
+           str(script), str(shared_tiny_model_dir()), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for name in ("drpo", "rpg"):
+        assert [r[name]["world"] for r in ranks] == [2, 2]
+        assert ranks[0][name]["checksum"] == pytest.approx(ranks[1][name]["checksum"], rel=1e-12)
+    for rank in ranks:
+        batches = rank["drpo"]["groups"]
+        assert len(batches) == 4  # 2 steps × 2 micro-batches
+        for batch in batches:
+            assert batch["counts"] == [2, 2] and batch["same_prompt_same_id"], batch

@@ -55,7 +55,8 @@ def hfx_register(registry):
             name,
             f"hfx_trainers.{name}:{cls}Trainer",
             config=f"hfx_trainers.{name}:{cls}Config",
-            dataset_format="prompt",  # hfx <name> runs the generic runner: toy task + its reward by default
+            dataset_format="prompt",
+            script=f"hfx_trainers.rl_script:{name}",  # hfx <name>: toy task + its reward by default
             demo=f"hfx_trainers.rl_demo:{name}",
             description=description,
             paper=paper,
