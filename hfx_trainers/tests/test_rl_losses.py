@@ -94,7 +94,7 @@ def test_rpg_gradient_identity_spec_vector():
     no_clip = dict(kind="urkl", beta=0.1, epsilon_low=0.999, epsilon_high=1e9, clip_c=1e9)
     expected = torch.tensor([-0.270767, 0.221685], dtype=F64)
     for estimator in ("differentiable", "reinforce"):
-        _, grad = _grad(lambda x: rpg_loss(x, old, adv, mask, estimator=estimator, **no_clip), lp)
+        _, grad = _grad(lambda x, e=estimator: rpg_loss(x, old, adv, mask, estimator=e, **no_clip), lp)
         torch.testing.assert_close(grad[0], expected, atol=1e-6, rtol=0)
 
 
@@ -324,7 +324,7 @@ def test_drpo_infinite_lambda_is_disco_uniform_weights():
 
 
 def test_drpo_rewards_must_be_binary():
-    with pytest.raises(ValueError, match="binary rewards.*reward_threshold"):
+    with pytest.raises(ValueError, match=r"binary rewards.*reward_threshold"):
         drpo_loss(DRPO_S, DRPO_R * 0.5, DRPO_LEN, DRPO_GROUPS, max_length=8192)
     with pytest.raises(ValueError, match="NaN"):
         binary_rewards(torch.tensor([1.0, float("nan")]))

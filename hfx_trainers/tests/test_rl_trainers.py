@@ -270,7 +270,7 @@ def test_bad_config_is_named(config, kwargs, match, tmp_path):
 
 def test_bad_input_is_named(tmp_path):
     model = str(shared_tiny_model_dir())
-    with pytest.raises(ValueError, match="needs a `prompt` column.*rename_column"):
+    with pytest.raises(ValueError, match=r"needs a `prompt` column.*rename_column"):
         RPGTrainer(model=model, reward_funcs=parity, args=args_for(RPGConfig, tmp_path),
                    train_dataset=Dataset.from_dict({"question": ["1+1="] * 4}))
     with pytest.raises(ValueError, match="multiple of num_generations"):
@@ -324,7 +324,8 @@ def test_docstring_examples(module):
 
 
 def test_command_line_needs_a_reward_for_real_data(tmp_path):
-    from hfx_trainers.rl_script import RLScriptArguments, rpg as script
+    from hfx_trainers.rl_script import RLScriptArguments
+    from hfx_trainers.rl_script import rpg as script
 
     parser = script.make_parser()
     script_args, training_args, model_args = parser.parse_args_and_config(args=[
@@ -419,3 +420,17 @@ def test_accelerate_launch_two_processes_keeps_groups(tmp_path):
         assert len(batches) == 4  # 2 steps × 2 micro-batches
         for batch in batches:
             assert batch["counts"] == [2, 2] and batch["same_prompt_same_id"], batch
+
+
+@pytest.mark.parametrize("algorithm", ["rpg", "drpo"])
+def test_demo_row(algorithm, tmp_path):
+    from hfx.demo import DemoContext
+    from hfx.toy import ArithmeticTask, CollaboratorTask, warm_start
+    from hfx_trainers import rl_demo
+
+    task = ArithmeticTask(max_operand=6)
+    path = warm_start(task, 3, stop_at=None, cache_dir=tmp_path / "cache", hidden_size=32, num_hidden_layers=1)
+    result = getattr(rl_demo, algorithm)(DemoContext(task, path, 2, 0, tmp_path / algorithm))
+    assert 0.0 <= result["metric_after"] <= 1.0 and len(result["losses"]) == 2
+    skipped = getattr(rl_demo, algorithm)(DemoContext(CollaboratorTask(), tmp_path, 2, 0, tmp_path / "d"))
+    assert skipped["metric_after"] != skipped["metric_after"]  # NaN: no verifiable reward

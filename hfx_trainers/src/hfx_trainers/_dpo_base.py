@@ -75,6 +75,20 @@ def reject_unused_dpo_options(config, config_name: str, loss_description: str) -
         )
 
 
+def resolve_args(trainer, model, args):
+    """``args`` checked to be the trainer's ``config_class``, or a default one named after the model (as TRL does)."""
+    cls = trainer.config_class
+    if args is None:
+        model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        return cls(f"{str(model_name).rstrip('/').split('/')[-1]}-{trainer._name}")
+    if not isinstance(args, cls):
+        raise TypeError(
+            f"{type(trainer).__name__} needs a {cls.__name__} (it carries {trainer._name}'s loss and defaults), got "
+            f"{type(args).__name__}; build one with {cls.__name__}(output_dir=..., ...)"
+        )
+    return args
+
+
 # --------------------------------------------------------------------------------------------------
 # Dataset columns
 # --------------------------------------------------------------------------------------------------
@@ -195,14 +209,7 @@ class PairwiseTrainer(HfxTrainerMixin, DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  **kwargs: Any):
         name = type(self).__name__
-        if args is None:
-            model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = self.config_class(f"{str(model_name).rstrip('/').split('/')[-1]}-{self._name}")
-        elif not isinstance(args, self.config_class):
-            raise TypeError(
-                f"{name} needs a {self.config_class.__name__} (it carries {self._name}'s loss and defaults), got "
-                f"{type(args).__name__}; build one with {self.config_class.__name__}(output_dir=..., ...)"
-            )
+        args = resolve_args(self, model, args)
         check = dict(trainer_name=name, aliases=self.column_aliases, required=self.required_columns(args),
                      describe=self.describe_columns, hints=self.column_hints)
         train_dataset = prepare_pairwise_columns(train_dataset, "train", **check)

@@ -25,6 +25,8 @@ from trl.trainer.utils import split_tensor_dict
 
 from hfx.compose import HfxTrainerMixin
 
+from ._dpo_base import resolve_args
+
 _RIGHT_PADDED = {"completion_ids": "pad", "completion_mask": 0, "old_per_token_logps": 0.0,
                  "ref_per_token_logps": 0.0, "sampling_per_token_logps": 0.0, "tool_mask": 1,
                  "importance_sampling_ratio": 1.0}
@@ -136,18 +138,10 @@ class GroupRLTrainer(HfxTrainerMixin, GRPOTrainer):
     keeps_groups_intact: bool = False
 
     def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None, **kwargs: Any):
-        name = type(self).__name__
-        if args is None:
-            model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = self.config_class(f"{str(model_name).rstrip('/').split('/')[-1]}-{self._name}")
-        elif not isinstance(args, self.config_class):
-            raise TypeError(
-                f"{name} needs a {self.config_class.__name__} (it carries {self._name}'s loss and defaults), got "
-                f"{type(args).__name__}; build one with {self.config_class.__name__}(output_dir=..., ...)"
-            )
+        args = resolve_args(self, model, args)
         if reward_funcs is None and kwargs.get("environment_factory") is None:
             raise ValueError(
-                f"{name} needs reward_funcs: a function (prompts, completions, **columns) -> list of floats, a "
+                f"{type(self).__name__} needs reward_funcs: a function (prompts, completions, **columns) -> list of floats, a "
                 "reward-model path, or a list of them (e.g. hfx.toy.reward_fn for the toy arithmetic task)"
             )
         if kwargs.get("environment_factory") is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 # Shared by every method (GRPO baseline included), so that only the loss differs.
 TOY_RL = {
+    "max_steps": 600,  # the benchmark's run length; hfx demo passes its own --steps
     "learning_rate": 1e-4,
     "optim": "adamw_torch",
     "lr_scheduler_type": "constant",
@@ -26,9 +27,10 @@ TOY_RL = {
     "temperature": 1.0,
 }
 # Per-method settings on the toy task; GRPO is TRL's defaults (DAPO token-mean loss, group-std advantages, no KL).
+# RPG keeps its official recipe's dynamic sampling (groups whose answers are all right or all wrong are replaced).
 TOY_HPARAMS: dict[str, dict[str, Any]] = {
     "grpo": {},
-    "rpg": {"beta": 1e-4},
+    "rpg": {"beta": 1e-4, "dynamic_sampling": True},
     "drpo": {},
 }
 _CLASSES = {
@@ -47,9 +49,8 @@ def toy_trainer(algorithm: str, task: Any, model_path: str | Path, output_dir: s
     module, config_name, trainer_name = _CLASSES[algorithm]
     module = import_module(module)
     config = getattr(module, config_name)(
-        output_dir=str(output_dir), max_steps=steps, seed=seed, use_cpu=True, bf16=False, report_to="none",
-        save_strategy="no", logging_steps=1, disable_tqdm=True,
-        **{**TOY_RL, **TOY_HPARAMS[algorithm], **overrides},
+        output_dir=str(output_dir), seed=seed, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, **{**TOY_RL, **TOY_HPARAMS[algorithm], "max_steps": steps, **overrides},
     )
     return getattr(module, trainer_name)(
         model=str(model_path), reward_funcs=task.reward_fn, args=config,

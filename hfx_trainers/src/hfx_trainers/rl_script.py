@@ -19,20 +19,16 @@ from typing import Any
 
 from hfx.compose import extend
 from hfx.registry import import_string
-from hfx.scripts import TOY_PREFIX
+from hfx.scripts import TOY_PREFIX, HfxScriptArguments
 
 __all__ = ["RLScript", "RLScriptArguments", "drpo", "rpg"]
 
 
 @dataclass
-class RLScriptArguments:
-    dataset_name: str = field(
-        default="toy:arithmetic",
-        metadata={"help": "'toy:<task>' (a built-in hfx.toy task) or a local path/file for datasets.load_dataset, "
-                          "with a `prompt` column and the columns the reward functions read."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split holding the prompts."})
+class RLScriptArguments(HfxScriptArguments):
+    """``hfx <method>``'s dataset arguments (a toy task by default, or a local dataset with a ``prompt`` column and
+    the columns the reward functions read), plus the toy task's fields and the reward functions."""
+
     task_args: str | None = field(
         default=None, metadata={"help": "Toy task fields as JSON, e.g. '{\"verbose_tail\": 8}'."}
     )
@@ -40,9 +36,6 @@ class RLScriptArguments:
         default=None,
         metadata={"help": "Reward functions: 'module:function' import strings (f(prompts, completions, **columns) -> "
                           "list[float]) or local reward-model paths. Default on toy tasks: the task's reward."},
-    )
-    warm_start_steps: int | None = field(
-        default=None, metadata={"help": "Without --model_name_or_path: steps of the toy warm start."}
     )
 
 

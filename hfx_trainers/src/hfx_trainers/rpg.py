@@ -27,7 +27,6 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from trl import GRPOConfig
 
 from hfx.compose import HfxArguments
