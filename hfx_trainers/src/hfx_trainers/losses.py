@@ -1,4 +1,4 @@
-"""Pure loss functions of the hfx trainers: SPIN, SPPO, RSPO, INPO (self-play) and RPG, DRPO (RL).
+"""Pure loss functions of the hfx trainers: SPIN, SPPO, RSPO, INPO (self-play), RPG, DRPO (RL) and SWEET-RL.
 
 The self-play functions take per-sequence **summed** response log-probs, tensors of shape ``(B,)`` (one entry per
 prompt), and return per-example losses of shape ``(B,)`` unless their docstring says otherwise; the RL functions
@@ -18,6 +18,7 @@ Papers:
 * INPO: Zhang et al., "Iterative Nash Policy Optimization", arXiv 2407.00617.
 * RPG: Zhang et al., "On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning", arXiv 2505.17508.
 * DRPO: Li et al., "DRPO: Efficient Reasoning via Decoupled Reward Policy Optimization", arXiv 2510.04474.
+* SWEET-RL: Zhou et al., "SWEET-RL: Training Multi-Turn LLM Agents on Collaborative Reasoning Tasks", arXiv 2503.15478.
 
 Half-precision inputs are computed in float32 (SPPO's targets are of size η/2 = 500 at the official β, far beyond
 what bfloat16 resolves next to a log-ratio of order 1); float64 inputs, including float64 probabilities as the
@@ -55,6 +56,8 @@ __all__ = [
     "rspo_regularizer",
     "spin_loss",
     "sppo_loss",
+    "sweet_critic_loss",
+    "sweet_turn_advantage",
 ]
 
 SPIN_LOSS_TYPES = ("sigmoid", "hinge")
@@ -915,3 +918,94 @@ def drpo_loss(
         coef = (beta * (kl.detach() - delta)).clamp(min=0)
         loss = loss + coef * kl
     return loss
+
+
+# --------------------------------------------------------------------------------------------------
+# SWEET-RL (arXiv 2503.15478)
+# --------------------------------------------------------------------------------------------------
+
+SWEET_NORMALIZATIONS = ("turn_mean_sum", "trajectory_mean")
+
+
+def _turn_table(token_logps: Tensor, ref_token_logps: Tensor, turn_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (trajectory, turn): the summed log-ratio log π_ψ − log π_ref over the turn's tokens and the token count.
+
+    ``turn_ids`` (B, T) holds the agent turn (0, 1, ...) each token belongs to, and a negative value for tokens
+    that are not the agent's (prompt, user turns, padding)."""
+    if turn_ids.shape != token_logps.shape or ref_token_logps.shape != token_logps.shape:
+        raise ValueError(
+            f"shape mismatch: token_logps {tuple(token_logps.shape)}, ref_token_logps "
+            f"{tuple(ref_token_logps.shape)} and turn_ids {tuple(turn_ids.shape)} must all be (B, T)"
+        )
+    turn_ids = turn_ids.to(token_logps.device).long()
+    agent = turn_ids >= 0
+    n_turns = int(turn_ids.max().item()) + 1 if agent.any() else 1
+    index = turn_ids.clamp(min=0)
+    ratio = (token_logps - ref_token_logps).masked_fill(~agent, 0.0)
+    sums = ratio.new_zeros(token_logps.size(0), n_turns).scatter_add(1, index, ratio)
+    counts = ratio.new_zeros(token_logps.size(0), n_turns).scatter_add(1, index, agent.to(ratio.dtype))
+    return sums, counts
+
+
+def sweet_turn_advantage(token_logps: Tensor, ref_token_logps: Tensor, turn_ids: Tensor, beta: float = 0.1) -> Tensor:
+    """SWEET-RL's per-turn advantage (Zhou et al., arXiv 2503.15478, §4; spec §8.1), shape (B, n_turns)::
+
+        A(o_t, a_t, c) = β · mean_{tokens of a_t} [ log π_ψ(a_t^l | ·, c) − log π_ref(a_t^l | ·, c) ]
+
+    ``token_logps``/``ref_token_logps`` (B, T) are the critic's and its frozen copy's token log-probs with the
+    training-time information c in context; ``turn_ids`` (B, T) numbers the agent's turns (negative elsewhere).
+    A turn a trajectory does not have gets 0.
+
+    >>> lp = torch.tensor([[-1.0, -0.5, -0.2, -0.8, -0.4]]); ref = torch.tensor([[-1.2, -0.6, -0.3, -0.9, -0.5]])
+    >>> sweet_turn_advantage(lp, ref, torch.tensor([[0, 0, 0, 1, 1]]), beta=1.0)
+    tensor([[0.1333, 0.1000]])
+    """
+    beta = _check_positive("beta", beta)
+    sums, counts = _turn_table(token_logps, ref_token_logps, turn_ids)
+    return beta * sums / counts.clamp(min=1)
+
+
+def sweet_critic_loss(
+    chosen_token_logps: Tensor,
+    chosen_ref_token_logps: Tensor,
+    chosen_turn_ids: Tensor,
+    rejected_token_logps: Tensor,
+    rejected_ref_token_logps: Tensor,
+    rejected_turn_ids: Tensor,
+    beta: float = 0.1,
+    normalization: str = "turn_mean_sum",
+) -> Tensor:
+    """SWEET-RL's critic loss per trajectory pair, shape (B,): Bradley–Terry on trajectory scores,
+    ``−log σ(β·(score⁺ − score⁻))`` (spec §8.1).
+
+    * ``normalization="turn_mean_sum"`` (the paper): score = Σ_turns mean_{tokens of the turn} (log π_ψ − log π_ref),
+      i.e. the sum of the per-turn advantages :func:`sweet_turn_advantage` / β.
+    * ``"trajectory_mean"`` (the official code, ``--mean_log_prob``): one mean of the log-ratio over all the agent's
+      tokens of the trajectory (TRL's ``sigmoid_norm``).
+
+    Inputs are (B, T) token log-probs of the critic and its frozen reference with the training-time information in
+    context, and (B, T) turn ids (the agent turn of each token, negative for other tokens); chosen is the better
+    trajectory of the pair.
+
+    >>> chosen = (torch.tensor([[-1.0, -0.5, -0.2, -0.8, -0.4]]), torch.tensor([[-1.2, -0.6, -0.3, -0.9, -0.5]]),
+    ...           torch.tensor([[0, 0, 0, 1, 1]]))                       # 2 agent turns: 3 + 2 tokens
+    >>> rejected = (torch.tensor([[-1.5, -0.7, -0.9, -0.4, -0.6, -1.0]]),
+    ...             torch.tensor([[-1.4, -0.6, -0.8, -0.5, -0.5, -0.9]]), torch.tensor([[0, 0, 1, 1, 1, 1]]))
+    >>> round(sweet_critic_loss(*chosen, *rejected).item(), 6)                  # spec §8.6, paper form
+    0.674164
+    >>> round(sweet_critic_loss(*chosen, *rejected, normalization="trajectory_mean").item(), 6)  # official code
+    0.683857
+    """
+    beta = _check_positive("beta", beta)
+    _check_choice("normalization", normalization, SWEET_NORMALIZATIONS)
+
+    def score(token_logps, ref_token_logps, turn_ids):
+        sums, counts = _turn_table(token_logps, ref_token_logps, turn_ids)
+        if normalization == "trajectory_mean":
+            return sums.sum(dim=1) / counts.sum(dim=1).clamp(min=1)
+        return (sums / counts.clamp(min=1)).sum(dim=1)
+
+    margin = score(chosen_token_logps, chosen_ref_token_logps, chosen_turn_ids) - score(
+        rejected_token_logps, rejected_ref_token_logps, rejected_turn_ids
+    )
+    return -F.logsigmoid(beta * margin)
