@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,7 +58,7 @@ def validate_trajectory(row: Mapping[str, Any], where: str = "trajectory") -> No
         raise ValueError(f"{where}: the dialogue must start with the user's message (after an optional system one)")
     if "assistant" not in roles:
         raise ValueError(f"{where}: the dialogue has no assistant (agent) turn")
-    for i, (a, b) in enumerate(zip(roles, roles[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(roles)):
         if a == b:
             raise ValueError(f"{where}: two {a} messages in a row (turns {i} and {i + 1}); user and assistant alternate")
 
