@@ -53,6 +53,7 @@ __all__ = [
     "accuracy",
     "get_task",
     "parse_int",
+    "play_episodes",
     "prefer",
     "reward_fn",
     "tokenizer",
@@ -516,28 +517,10 @@ class CollaboratorTask:
         Returns one record per task: ``{"task_id", "messages", "reward"}``. Greedy unless ``do_sample=True`` is
         passed (forwarded to ``model.generate``, as is e.g. ``temperature``).
         """
-        from tqdm.auto import tqdm
-
-        model, tok = _resolve(model, tokenizer)
         ids = list(self.task_ids(split) if task_ids is None else task_ids)
-        envs = [self.env() for _ in ids]
-        convs = [[{"role": "user", "content": env.reset(t)}] for env, t in zip(envs, ids)]
-        with tqdm(total=len(ids), desc=f"collaborator rollouts ({split})", leave=False) as bar:
-            for _ in range(self.max_turns):
-                active = [i for i, env in enumerate(envs) if not env.done]
-                if not active:
-                    break
-                texts = [tok.apply_chat_template(convs[i], tokenize=False, add_generation_prompt=True)
-                         for i in active]
-                replies = _generate(model, tok, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    **generate_kwargs)
-                for i, message in zip(active, replies):
-                    convs[i].append({"role": "assistant", "content": message})
-                    reply, done = envs[i].step(message)
-                    if reply is not None:
-                        convs[i].append({"role": "user", "content": reply})
-                    bar.update(int(done))
-        return [{"task_id": t, "messages": c, "reward": e.reward()} for t, c, e in zip(ids, convs, envs)]
+        return play_episodes(self.env, ids, model, tokenizer, max_turns=self.max_turns, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, desc=f"collaborator rollouts ({split})",
+                             **generate_kwargs)
 
     def success_rate(self, model: Any, tokenizer: Any = None, split: str = "eval", **kwargs) -> float:
         """Fraction of tasks of a split that ``model`` solves (greedy rollouts through the env)."""
@@ -547,6 +530,40 @@ class CollaboratorTask:
     def evaluate(self, model: Any, tokenizer: Any = None, split: str = "eval", limit: int | None = None) -> float:
         """The task's headline metric (used by :func:`warm_start`): :meth:`success_rate`."""
         return self.success_rate(model, tokenizer, split=split, task_ids=self.task_ids(split)[:limit])
+
+
+def play_episodes(make_env, task_ids: Sequence[Any], model: Any, tokenizer: Any = None, *, max_turns: int,
+                  batch_size: int = 256, max_new_tokens: int = 8, desc: str | None = "episodes",
+                  **generate_kwargs) -> list[dict]:
+    """Play ``model`` (or a path) through one fresh environment per task id, all episodes batched turn by turn.
+
+    ``make_env()`` returns an object with the multi-turn protocol of :class:`CollaboratorEnv`:
+    ``reset(task_id) -> first user message``, ``step(agent_message) -> (reply or None, done)``, ``reward()``.
+    Episodes end when ``step`` says done or after ``max_turns`` agent messages. Returns one record per task id:
+    ``{"task_id", "messages", "reward"}``. Greedy unless ``do_sample=True`` is passed (forwarded to
+    ``model.generate``, as is e.g. ``temperature``).
+    """
+    from tqdm.auto import tqdm
+
+    model, tok = _resolve(model, tokenizer)
+    envs = [make_env() for _ in task_ids]
+    convs = [[{"role": "user", "content": env.reset(t)}] for env, t in zip(envs, task_ids)]
+    done = [False] * len(envs)
+    with tqdm(total=len(envs), desc=desc, leave=False, **({"disable": True} if desc is None else {})) as bar:
+        for _ in range(max_turns):
+            active = [i for i, d in enumerate(done) if not d]
+            if not active:
+                break
+            texts = [tok.apply_chat_template(convs[i], tokenize=False, add_generation_prompt=True) for i in active]
+            replies = _generate(model, tok, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                **generate_kwargs)
+            for i, message in zip(active, replies):
+                convs[i].append({"role": "assistant", "content": message})
+                reply, done[i] = envs[i].step(message)
+                if reply is not None and not done[i]:
+                    convs[i].append({"role": "user", "content": reply})
+                bar.update(int(done[i]))
+    return [{"task_id": t, "messages": c, "reward": float(e.reward())} for t, c, e in zip(task_ids, convs, envs)]
 
 
 class CollaboratorEnv:

@@ -7,7 +7,13 @@ import pytest
 from trl.chat_template_utils import llama3_chat_template, qwen2_5_chat_template
 
 from hfx import toy
-from hfx_trainers.trajectories import assistant_turn_ids, validate_trajectories, validate_trajectory
+from hfx_trainers.trajectories import (
+    assistant_turn_ids,
+    collect_trajectories,
+    critic_pairs,
+    validate_trajectories,
+    validate_trajectory,
+)
 
 MESSAGES = [
     {"role": "user", "content": "x=4, y is secret. x+y?"},
@@ -78,3 +84,34 @@ def test_missing_fields_and_row_index():
     with pytest.raises(ValueError, match=r"trajectory 1 lacks \['reward'\]"):
         validate_trajectories([GOOD, {k: v for k, v in GOOD.items() if k != "reward"}])
     validate_trajectories([GOOD, {**GOOD, "messages": [{"role": "system", "content": "s"}, *MESSAGES]}])
+
+
+def _row(task_id, reward, answer="11"):
+    return {"task_id": task_id, "messages": [MESSAGES[0], {"role": "assistant", "content": answer}],
+            "reward": reward, "hidden_info": "h"}
+
+
+def test_critic_pairs_pair_the_best_with_every_worse_attempt():
+    rows = [_row("a", 0.0, "1"), _row("a", 1.0, "11"), _row("a", 0.5, "2"), _row("a", 1.0, "12"),
+            _row("b", 0.5), _row("b", 0.0),  # best below the threshold: no pairs
+            _row("c", 1.0), _row("c", 1.0)]  # no worse attempt: no pairs
+    pairs = critic_pairs(rows)
+    assert [(p["task_id"], p["chosen"][-1]["content"], p["rejected"][-1]["content"]) for p in pairs] == [
+        ("a", "11", "1"), ("a", "11", "2")]
+    assert [p["rejected_reward"] for p in pairs] == [0.0, 0.5]
+    assert len(critic_pairs(rows, min_best_reward=0.5)) == 3  # now task b pairs too
+
+
+def test_collect_trajectories_on_the_toy_environment(tmp_path):
+    task = toy.CollaboratorTask(max_operand=5)
+    path = toy.warm_start(task, 3, stop_at=None, cache_dir=tmp_path, hidden_size=32, num_hidden_layers=1)
+    ids = task.task_ids("train")[:4]
+    rows = collect_trajectories(str(path), task_ids=ids, make_env=task.env, attempts=2, max_turns=3,
+                                hidden_info=lambda t: str(task.get(t).hidden["answer"]))
+    assert [(r["task_id"], r["attempt"]) for r in rows] == [(t, a) for a in (0, 1) for t in ids]
+    for r in rows:
+        assert r["hidden_info"] == str(task.get(r["task_id"]).hidden["answer"])
+        assert task.replay(r["task_id"], r["messages"]) == r["reward"]  # the env's outcome, replayed
+        assert 1 <= sum(m["role"] == "assistant" for m in r["messages"]) <= 3
+    with pytest.raises(ValueError, match="attempts must be >= 1"):
+        collect_trajectories(str(path), attempts=0)

@@ -25,7 +25,14 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["TRAJECTORY_FIELDS", "assistant_turn_ids", "validate_trajectories", "validate_trajectory"]
+__all__ = [
+    "TRAJECTORY_FIELDS",
+    "assistant_turn_ids",
+    "collect_trajectories",
+    "critic_pairs",
+    "validate_trajectories",
+    "validate_trajectory",
+]
 
 TRAJECTORY_FIELDS = ("task_id", "messages", "reward", "hidden_info")
 _ROLES = ("system", "user", "assistant")
@@ -114,3 +121,67 @@ def assistant_turn_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> tupl
         raise ValueError(f"the chat template marked {turn + 1} assistant spans for {n_assistant} assistant messages; "
                          "its {% generation %} blocks must cover each assistant message once")
     return input_ids, turn_ids
+
+
+def collect_trajectories(model: Any, tokenizer: Any = None, task_ids: Sequence[Any] | None = None, *, make_env=None,
+                         hidden_info=None, attempts: int = 3, max_turns: int = 10, temperature: float = 1.0,
+                         max_new_tokens: int = 8, batch_size: int = 256, seed: int = 0) -> list[dict[str, Any]]:
+    """Sample ``attempts`` trajectories per task by playing ``model`` through a multi-turn environment.
+
+    ``make_env()`` returns an environment with ``reset(task_id) -> first user message``,
+    ``step(agent_message) -> (reply or None, done)`` and ``reward() -> float`` (see ``hfx.toy.CollaboratorEnv``);
+    ``hidden_info(task_id) -> str`` is the training-time information kept for the critic. Without ``make_env`` the
+    environment is the core's multi-turn toy task (``hfx.toy.CollaboratorTask``, its train split and its hidden
+    answer). Attempts are sampled at ``temperature``, each with its own seed; rows carry an ``attempt`` index.
+
+    >>> rows = collect_trajectories("path/to/agent", attempts=3)  # doctest: +SKIP
+    >>> rows[0].keys()  # doctest: +SKIP
+    dict_keys(['task_id', 'messages', 'reward', 'hidden_info', 'attempt'])
+    """
+    import torch
+
+    from hfx.toy import CollaboratorTask, play_episodes
+
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    if make_env is None:
+        task = CollaboratorTask()
+        make_env, max_turns = task.env, task.max_turns
+        task_ids = task.task_ids("train") if task_ids is None else task_ids
+        if hidden_info is None:
+            def hidden_info(task_id):
+                return f"The final answer is {task.get(task_id).hidden['answer']}."
+    if task_ids is None:
+        raise ValueError("task_ids is required with a custom make_env")
+    rows = []
+    for attempt in range(attempts):
+        torch.manual_seed(seed + attempt)
+        episodes = play_episodes(make_env, list(task_ids), model, tokenizer, max_turns=max_turns,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+                                 temperature=temperature, desc=f"trajectories, attempt {attempt + 1}/{attempts}")
+        rows += [{**e, "hidden_info": hidden_info(e["task_id"]) if hidden_info else "", "attempt": attempt}
+                 for e in episodes]
+    validate_trajectories(rows)
+    return rows
+
+
+def critic_pairs(trajectories: Iterable[Mapping[str, Any]], min_best_reward: float = 1.0) -> list[dict[str, Any]]:
+    """SWEET-RL's critic data (spec §8.2): for every task whose best attempt has reward >= ``min_best_reward``,
+    the best attempt (chosen) paired with each attempt of strictly lower reward (rejected).
+
+    Returns rows ``{"task_id", "hidden_info", "chosen", "rejected", "chosen_reward", "rejected_reward"}`` where
+    ``chosen``/``rejected`` are message lists.
+    """
+    by_task: dict[Any, list[Mapping[str, Any]]] = {}
+    for i, row in enumerate(trajectories):
+        validate_trajectory(row, where=f"trajectory {i}")
+        by_task.setdefault(row["task_id"], []).append(row)
+    pairs = []
+    for task_id, rows in by_task.items():
+        best = max(rows, key=lambda r: r["reward"])  # the first of equally good attempts
+        if best["reward"] < min_best_reward:
+            continue
+        pairs += [{"task_id": task_id, "hidden_info": best["hidden_info"], "chosen": list(best["messages"]),
+                   "rejected": list(r["messages"]), "chosen_reward": best["reward"], "rejected_reward": r["reward"]}
+                  for r in rows if r["reward"] < best["reward"]]
+    return pairs
