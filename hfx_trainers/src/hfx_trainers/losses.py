@@ -57,6 +57,7 @@ __all__ = [
     "spin_loss",
     "sppo_loss",
     "sweet_critic_loss",
+    "sweet_trajectory_score",
     "sweet_turn_advantage",
 ]
 
@@ -997,15 +998,17 @@ def sweet_critic_loss(
     0.683857
     """
     beta = _check_positive("beta", beta)
-    _check_choice("normalization", normalization, SWEET_NORMALIZATIONS)
-
-    def score(token_logps, ref_token_logps, turn_ids):
-        sums, counts = _turn_table(token_logps, ref_token_logps, turn_ids)
-        if normalization == "trajectory_mean":
-            return sums.sum(dim=1) / counts.sum(dim=1).clamp(min=1)
-        return (sums / counts.clamp(min=1)).sum(dim=1)
-
-    margin = score(chosen_token_logps, chosen_ref_token_logps, chosen_turn_ids) - score(
-        rejected_token_logps, rejected_ref_token_logps, rejected_turn_ids
-    )
+    margin = sweet_trajectory_score(chosen_token_logps, chosen_ref_token_logps, chosen_turn_ids, normalization) - \
+        sweet_trajectory_score(rejected_token_logps, rejected_ref_token_logps, rejected_turn_ids, normalization)
     return -F.logsigmoid(beta * margin)
+
+
+def sweet_trajectory_score(token_logps: Tensor, ref_token_logps: Tensor, turn_ids: Tensor,
+                           normalization: str = "turn_mean_sum") -> Tensor:
+    """A trajectory's critic score (B,) before β: the sum over agent turns of the turn's mean log-ratio
+    (``"turn_mean_sum"``) or one mean over all agent tokens (``"trajectory_mean"``); see :func:`sweet_critic_loss`."""
+    _check_choice("normalization", normalization, SWEET_NORMALIZATIONS)
+    sums, counts = _turn_table(token_logps, ref_token_logps, turn_ids)
+    if normalization == "trajectory_mean":
+        return sums.sum(dim=1) / counts.sum(dim=1).clamp(min=1)
+    return (sums / counts.clamp(min=1)).sum(dim=1)
