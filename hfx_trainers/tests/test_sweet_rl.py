@@ -101,3 +101,108 @@ def test_bad_config_and_data_are_named(tmp_path):
     with pytest.raises(ValueError, match="critic_pairs"):
         SweetCriticTrainer(model=str(shared_tiny_model_dir()), args=critic_args(tmp_path),
                            train_dataset=Dataset.from_list(rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy stage
+# --------------------------------------------------------------------------------------------------
+
+
+def trajectories(n: int = 3) -> list[dict]:
+    return [{"task_id": i, "messages": dialogue("y?", str(11 + i)), "reward": 1.0, "hidden_info": str(11 + i)}
+            for i in range(n)]
+
+
+def test_turn_states_are_the_histories_before_each_agent_turn():
+    from hfx_trainers.sweet_rl import turn_states
+
+    states = turn_states(trajectories(3), fraction=1.0)
+    assert len(states) == 6  # 2 agent turns per trajectory
+    assert {len(s["history"]) for s in states} == {1, 3}
+    assert all(s["history"][-1]["role"] == "user" for s in states)
+    assert all(s["hidden_info"] == str(11 + s["task_id"]) for s in states)
+    assert len(turn_states(trajectories(3), fraction=0.5)) == 3
+    with pytest.raises(ValueError, match="fraction"):
+        turn_states(trajectories(1), fraction=0.0)
+
+
+def test_policy_pairs_take_upper_half_over_lower_half():
+    from hfx_trainers.sweet_rl import policy_pairs
+
+    state = {"task_id": 0, "history": dialogue("y?", "11")[:1], "hidden_info": "11"}
+    candidates = [["a", "b", "c", "d"]]
+    rows = policy_pairs([state], candidates, [[0.4, -1.0, 2.0, 0.1]], num_pairs=20)
+    assert len(rows) == 20
+    assert {r["chosen"][0]["content"] for r in rows} <= {"c", "a"}
+    assert {r["rejected"][0]["content"] for r in rows} <= {"d", "b"}
+    assert all(r["prompt"] == state["history"] for r in rows)
+    assert policy_pairs([state], [["a", "b"]], [[1.0, 1.0]], num_pairs=3) == []  # ties carry no preference
+
+
+def test_rank_candidates_is_the_critics_last_turn_advantage(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hfx_trainers.losses import sweet_turn_advantage
+    from hfx_trainers.sweet_rl import rank_candidates, sample_candidates
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_tiny_model_dir())
+    reference = AutoModelForCausalLM.from_pretrained(shared_tiny_model_dir())
+    critic = AutoModelForCausalLM.from_pretrained(shared_tiny_model_dir())
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    states = [{"task_id": 0, "history": dialogue("y?", "11")[:3], "hidden_info": "11"},
+              {"task_id": 1, "history": dialogue("y?", "12")[:1], "hidden_info": "12"}]
+    candidates = sample_candidates(reference, tokenizer, states, num_candidates=3, max_new_tokens=4)
+    assert [len(c) for c in candidates] == [3, 3] and all(isinstance(x, str) for c in candidates for x in c)
+    same = rank_candidates(reference, reference, tokenizer, states, candidates)
+    assert all(abs(x) < 1e-6 for row in same for x in row)  # critic = reference: no advantage
+    scores = rank_candidates(critic, reference, tokenizer, states, candidates, beta=0.5)
+    for state, cands, row in zip(states, candidates, scores):
+        for text, score in zip(cands, row):
+            conv = [{"role": "system", "content": f"In light that the final answer is: {state['hidden_info']}."},
+                    *state["history"], {"role": "assistant", "content": text}]
+            ids, turns = assistant_turn_ids(tokenizer, conv)
+            lp = plain_token_logps(critic, ids)[None]
+            ref = plain_token_logps(reference, ids)[None]
+            advantage = sweet_turn_advantage(lp, ref, torch.tensor([turns[1:]]), beta=0.5)
+            assert score == pytest.approx(advantage[0, max(turns)].item(), abs=1e-5)
+
+
+def test_policy_stage_trains_dpo_plus_nll(tmp_path):
+    from trl import DPOTrainer
+
+    import hfx
+    from hfx_trainers.losses import sweet_policy_loss
+    from hfx_trainers.sweet_rl import SweetPolicyConfig
+
+    rows = [{"prompt": dialogue("y?", "11")[:3], "chosen": [{"role": "assistant", "content": "11"}],
+             "rejected": [{"role": "assistant", "content": "what"}]}]
+    args = fast_training_args(SweetPolicyConfig, tmp_path, per_device_train_batch_size=1, max_steps=1,
+                              max_length=256)
+    trainer = hfx.extend(DPOTrainer)(model=str(shared_tiny_model_dir()), args=args,
+                                     train_dataset=Dataset.from_list(rows))
+    tokenizer = AutoTokenizer.from_pretrained(shared_tiny_model_dir())
+    model = trainer.model
+    side = {}
+    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    for name in ("chosen", "rejected"):  # TRL's completion: what follows the prompt and its generation header
+        ids = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0][name], tokenize=True,
+                                            return_dict=True)["input_ids"]
+        assert ids[:len(prompt)] == prompt
+        lp = plain_token_logps(model, ids)[len(prompt) - 1:]
+        side[name] = (lp.sum(), -lp.mean())
+    expected = sweet_policy_loss(side["chosen"][0][None], side["rejected"][0][None], side["chosen"][0][None],
+                                 side["rejected"][0][None], side["chosen"][1][None]).item()
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, abs=1e-4)  # log 2 + 0.01·NLL at step 1
+    assert expected > 0.6932
+
+
+def test_policy_loss_spec_vector():
+    from hfx_trainers.losses import sweet_policy_loss
+
+    args = [torch.tensor([x]) for x in (-30.0, -42.0, -31.0, -40.0)]
+    assert sweet_policy_loss(*args, torch.tensor([0.0])).item() == pytest.approx(0.554355, abs=1e-6)
+    assert sweet_policy_loss(*args, torch.tensor([0.85])).item() == pytest.approx(0.562855, abs=1e-6)

@@ -57,6 +57,7 @@ __all__ = [
     "spin_loss",
     "sppo_loss",
     "sweet_critic_loss",
+    "sweet_policy_loss",
     "sweet_trajectory_score",
     "sweet_turn_advantage",
 ]
@@ -1012,3 +1013,33 @@ def sweet_trajectory_score(token_logps: Tensor, ref_token_logps: Tensor, turn_id
     if normalization == "trajectory_mean":
         return sums.sum(dim=1) / counts.sum(dim=1).clamp(min=1)
     return (sums / counts.clamp(min=1)).sum(dim=1)
+
+
+def sweet_policy_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_nll: Tensor,
+    beta: float = 0.1,
+    nll_coef: float = 0.01,
+) -> Tensor:
+    """SWEET-RL's policy loss per turn-level pair (spec §8.1), shape (B,): DPO on the critic-ranked candidate turns
+    plus an NLL term on the chosen turn::
+
+        −log σ(β·[(log π(a⁺|o) − log π_ref(a⁺|o)) − (log π(a⁻|o) − log π_ref(a⁻|o))]) + nll_coef · NLL(a⁺)
+
+    Log-probs are summed over the turn's tokens; ``chosen_nll`` is the chosen turn's mean token NLL. TRL's
+    ``DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, nll_coef])`` trains this objective (its NLL is the mean
+    over the batch's chosen tokens).
+
+    >>> round(sweet_policy_loss(torch.tensor([-30.0]), torch.tensor([-42.0]), torch.tensor([-31.0]),
+    ...                         torch.tensor([-40.0]), torch.tensor([0.85])).item(), 6)  # spec §8.6
+    0.562855
+    """
+    beta = _check_positive("beta", beta)
+    dtype = _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    margin = _pair_margin(policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype), ref_chosen_logps.to(dtype),
+                          ref_rejected_logps.to(dtype))
+    return -F.logsigmoid(beta * margin) + float(nll_coef) * torch.as_tensor(chosen_nll, dtype=dtype)

@@ -11,7 +11,9 @@ A multi-turn agent is trained from offline trajectories in two DPO-family stages
 2. **policy**: candidate next turns sampled from the agent are ranked by the critic and the agent is trained with
    turn-level DPO (+ an NLL term on the chosen turn).
 
-This module holds the critic stage.
+This module holds both stages' configs, the critic trainer and the policy stage's data steps (turn states, candidate
+sampling, critic ranking, turn-level pairs); the policy trains with ``hfx.extend(trl.DPOTrainer)`` and
+:class:`SweetPolicyConfig`.
 
 Example::
 
@@ -23,7 +25,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import random
 import textwrap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +38,19 @@ from hfx.compose import HfxArguments
 
 from ._dpo_base import PairwiseTrainer, check_positive, reject_unused_dpo_options, reward_metrics, single_loss_type
 from .losses import SWEET_NORMALIZATIONS, sweet_critic_loss, sweet_trajectory_score
-from .trajectories import assistant_turn_ids
+from .trajectories import assistant_turn_ids, validate_trajectory
 
-__all__ = ["SweetCriticConfig", "SweetCriticTrainer", "TurnIdsCollator"]
+__all__ = [
+    "SweetCriticConfig",
+    "SweetCriticTrainer",
+    "SweetPolicyConfig",
+    "TurnIdsCollator",
+    "last_turn_mean_logps",
+    "policy_pairs",
+    "rank_candidates",
+    "sample_candidates",
+    "turn_states",
+]
 
 TURN_COLUMNS = ("chosen_turn_ids", "rejected_turn_ids")
 
@@ -243,3 +257,143 @@ class SweetCriticTrainer(PairwiseTrainer):
         if return_outputs:
             return loss, {}
         return loss
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy stage: turn states, candidates, critic ranking, turn-level pairs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweetPolicyConfig(HfxArguments, DPOConfig):
+    r"""Configuration of the policy stage: turn-level DPO plus NLL on the chosen turn, a TRL ``DPOConfig`` for
+    ``hfx.extend(DPOTrainer)`` with the official README's defaults (spec §8.3): ``beta=0.1``,
+    ``learning_rate=2e-7``, 1 epoch, ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1.0, 0.01]`` (the
+    ``nll_loss_coef``). TRL's NLL covers the chosen turn's tokens only (the official run also covers the history,
+    which cancels in DPO but not in the NLL).
+
+    >>> SweetPolicyConfig(output_dir="policy", use_cpu=True).loss_weights
+    [1.0, 0.01]
+    """
+
+    learning_rate: float = field(default=2e-7, metadata={"help": "Official SWEET-RL policy: 2e-7."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Official SWEET-RL policy: 1 epoch."})
+    beta: float = field(default=0.1, metadata={"help": "DPO β (official 0.1)."})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"],
+                                 metadata={"help": "DPO on turn pairs + NLL on the chosen turn."})
+    loss_weights: list[float] | None = field(default_factory=lambda: [1.0, 0.01],
+                                             metadata={"help": "Weights of the DPO and NLL terms (official 0.01)."})
+
+
+def turn_states(trajectories: Sequence[Mapping[str, Any]], fraction: float = 0.1, seed: int = 0) -> list[dict]:
+    """The turn states of offline trajectories: for every agent turn, the dialogue before it (ending with the user's
+    message) with the task's ``hidden_info``; a random ``fraction`` of them (official ``data_fraction=0.1``: "DPO can
+    easily overfit using turn-wise advantage if too many gradient steps")."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    states = []
+    for i, row in enumerate(trajectories):
+        validate_trajectory(row, where=f"trajectory {i}")
+        messages = list(row["messages"])
+        states += [{"task_id": row["task_id"], "history": messages[:t], "hidden_info": row["hidden_info"]}
+                   for t, m in enumerate(messages) if m["role"] == "assistant"]
+    rng = random.Random(seed)
+    return rng.sample(states, max(1, round(fraction * len(states)))) if states else []
+
+
+def sample_candidates(model, tokenizer, states: Sequence[Mapping[str, Any]], num_candidates: int = 16, *,
+                      temperature: float = 1.0, max_new_tokens: int = 1024, batch_size: int = 16,
+                      **generate_kwargs) -> list[list[str]]:
+    """``num_candidates`` sampled next turns of the agent for each state's history (the agent never sees the
+    hidden information); batched HF ``generate`` with a progress bar (:func:`hfx_trainers.selfplay.
+    generate_completions`)."""
+    from .selfplay import generate_completions
+
+    out = generate_completions(model, tokenizer, [list(s["history"]) for s in states], num_candidates,
+                               max_new_tokens, batch_size, desc="SWEET-RL candidate turns", do_sample=True,
+                               temperature=temperature, **generate_kwargs)
+    return [[c[-1]["content"] for c in row] for row in out]
+
+
+def last_turn_mean_logps(model, tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]],
+                         batch_size: int = 16) -> torch.Tensor:
+    """Mean token log-prob (N,) of each conversation's last assistant turn under ``model`` (its tokens from the
+    chat template's generation markers, as the critic is trained)."""
+    device = next(model.parameters()).device
+    rows = []
+    for conversation in conversations:
+        ids, turns = assistant_turn_ids(tokenizer, conversation)
+        last = max(turns)
+        rows.append((ids, [t == last for t in turns]))
+    means = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=device)
+            attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk], device=device)
+            target = torch.tensor([m + [False] * (width - len(m)) for _, m in chunk], device=device)[:, 1:]
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+            logps = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+            means.append((logps * target).sum(1) / target.sum(1).clamp(min=1))
+    finally:
+        model.train(was_training)
+    return torch.cat(means).cpu()
+
+
+def rank_candidates(critic, reference, tokenizer, states: Sequence[Mapping[str, Any]],
+                    candidates: Sequence[Sequence[str]], *, beta: float = 0.1,
+                    hidden_info_template: str = SweetCriticConfig.hidden_info_template,
+                    reference_sees_hidden_info: bool = True, batch_size: int = 16) -> list[list[float]]:
+    """Score each candidate turn with the critic: β·(mean log π_critic(a | history, c) − mean log π_ref(a | ...)).
+
+    With ``reference_sees_hidden_info=True`` (default) the reference is conditioned like the critic, so the score is
+    the per-turn advantage the critic was trained to express; ``False`` reproduces the official ranking, where the
+    second term is the sampling policy's log-prob without the hidden information."""
+    def with_hidden(state, history):
+        if not hidden_info_template:
+            return list(history)
+        return [{"role": "system", "content": hidden_info_template.format(hidden_info=state["hidden_info"])},
+                *history]
+
+    critic_convs, ref_convs = [], []
+    for state, cands in zip(states, candidates, strict=True):
+        for text in cands:
+            turn = [*state["history"], {"role": "assistant", "content": text}]
+            critic_convs.append(with_hidden(state, turn))
+            ref_convs.append(with_hidden(state, turn) if reference_sees_hidden_info else turn)
+    scores = beta * (last_turn_mean_logps(critic, tokenizer, critic_convs, batch_size)
+                     - last_turn_mean_logps(reference, tokenizer, ref_convs, batch_size))
+    out, k = [], 0
+    for cands in candidates:
+        out.append(scores[k:k + len(cands)].tolist())
+        k += len(cands)
+    return out
+
+
+def policy_pairs(states: Sequence[Mapping[str, Any]], candidates: Sequence[Sequence[str]],
+                 scores: Sequence[Sequence[float]], num_pairs: int = 4, seed: int = 0) -> list[dict]:
+    """Turn-level DPO pairs (spec §8.1): per state, ``num_pairs`` pairs of a candidate from the upper half of the
+    critic's ranking (chosen) and one from the lower half (rejected), the history as the prompt."""
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    rng = random.Random(seed)
+    rows = []
+    for state, cands, score in zip(states, candidates, scores, strict=True):
+        if len(cands) < 2:
+            raise ValueError("ranking needs at least 2 candidates per state (num_candidates >= 2)")
+        order = sorted(range(len(cands)), key=lambda i: -score[i])
+        upper, lower = order[:len(order) // 2], order[len(order) // 2:]
+        for _ in range(num_pairs):
+            win, lose = rng.choice(upper), rng.choice(lower)
+            if score[win] == score[lose]:
+                continue  # a tie carries no preference
+            rows.append({"prompt": list(state["history"]),
+                         "chosen": [{"role": "assistant", "content": cands[win]}],
+                         "rejected": [{"role": "assistant", "content": cands[lose]}],
+                         "task_id": state["task_id"]})
+    return rows
