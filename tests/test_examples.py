@@ -60,3 +60,26 @@ def test_rl_examples(algorithm, isolated, tiny_model_dir, monkeypatch):
     assert summary["algorithm"] == algorithm and 0.0 <= summary["after"] <= 1.0
     assert 1 <= summary["mean_completion_length"] <= 4
     assert (isolated / "out" / "model.safetensors").is_file()
+
+
+def test_sweet_rl_example(isolated, tiny_model_dir, monkeypatch):
+    import json
+
+    example = load("sweet_rl")
+    turns = [{"role": "user", "content": "x=4, y is secret. x+y?"}, {"role": "assistant", "content": "y?"},
+             {"role": "user", "content": "y=7"}]
+    path = isolated / "offline.jsonl"
+    with path.open("w") as f:
+        for task in range(3):
+            for answer, reward in (("11", 1.0), ("12", 0.0)):
+                f.write(json.dumps({"task_id": task, "messages": [*turns, {"role": "assistant", "content": answer}],
+                                    "reward": reward, "hidden_info": "11"}) + "\n")
+    monkeypatch.setattr(sys, "argv", [
+        "sweet_rl.py", "--config", str(EXAMPLES / "sweet_rl.yaml"), "--model_name_or_path",
+        str(tiny_model_dir("qwen2")), "--trajectories", str(path), "--max_steps", "1", "--num_candidates", "2",
+        "--data_fraction", "1.0", "--candidate_max_new_tokens", "3", "--output_dir", str(isolated / "out")])
+    parsed = example.script.make_parser().parse_args_and_config()
+    assert parsed[1].max_steps == 1 and parsed[1].critic_epochs == 2  # flags beat the YAML; the YAML beats defaults
+    summary = example.script.main(*parsed)
+    assert summary["algorithm"] == "sweet-rl" and summary["critic_pairs"] == 3
+    assert (isolated / "out" / "policy" / "model.safetensors").is_file()

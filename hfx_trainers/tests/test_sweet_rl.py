@@ -206,3 +206,70 @@ def test_policy_loss_spec_vector():
     args = [torch.tensor([x]) for x in (-30.0, -42.0, -31.0, -40.0)]
     assert sweet_policy_loss(*args, torch.tensor([0.0])).item() == pytest.approx(0.554355, abs=1e-6)
     assert sweet_policy_loss(*args, torch.tensor([0.85])).item() == pytest.approx(0.562855, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole round
+# --------------------------------------------------------------------------------------------------
+
+
+def offline_trajectories() -> list[dict]:
+    rows = []
+    for task in range(4):
+        answer = str(11 + task)
+        rows.append({"task_id": task, "messages": dialogue("y?", answer), "reward": 1.0, "hidden_info": answer})
+        rows.append({"task_id": task, "messages": dialogue("hmm", str(20 + task)), "reward": 0.0,
+                     "hidden_info": answer})
+    return rows
+
+
+def test_sweet_rl_round_trains_critic_then_policy(tmp_path):
+    from hfx_trainers.sweet_rl import SweetRLConfig, SweetRLTrainer
+
+    args = fast_training_args(SweetRLConfig, tmp_path, max_length=256, num_candidates=3, data_fraction=1.0,
+                              num_pairs=2, candidate_max_new_tokens=4, critic_learning_rate=0.05,
+                              policy_learning_rate=0.05)
+    trainer = SweetRLTrainer(str(shared_tiny_model_dir()), args, offline_trajectories())
+    summary = trainer.train()
+    assert summary["critic_pairs"] == 4 and summary["turn_states"] == 16  # 8 trajectories × 2 agent turns
+    assert 0 < summary["policy_pairs"] <= 32
+    assert (tmp_path / "critic" / "model.safetensors").is_file() and (tmp_path / "policy" / "model.safetensors").is_file()
+    critic_cfg = args.stage_config("critic")
+    assert (critic_cfg.learning_rate, critic_cfg.max_steps, critic_cfg.beta) == (0.05, 2, 0.1)
+    assert args.stage_config("policy").loss_weights == [1.0, 0.01]
+
+
+def test_sweet_rl_bad_input_is_named(tmp_path):
+    from hfx_trainers.sweet_rl import SweetRLConfig, SweetRLTrainer
+
+    with pytest.raises(ValueError, match="num_candidates must be >= 2"):
+        SweetRLConfig(output_dir=str(tmp_path), num_candidates=1, use_cpu=True)
+    args = fast_training_args(SweetRLConfig, tmp_path)
+    with pytest.raises(ValueError, match="needs train_dataset"):
+        SweetRLTrainer(str(shared_tiny_model_dir()), args)
+    failed = [{**r, "reward": 0.0} for r in offline_trajectories()]
+    with pytest.raises(ValueError, match="no critic pairs"):
+        SweetRLTrainer(str(shared_tiny_model_dir()), args, failed).train()
+    with pytest.raises(ValueError, match="reward must be a finite number"):
+        SweetRLTrainer(str(shared_tiny_model_dir()), args, [{**offline_trajectories()[0], "reward": None}])
+
+
+@pytest.mark.floor
+def test_registered_and_on_the_facade():
+    import hfx
+    from hfx.registry import get_registry
+    from hfx_trainers.sweet_rl import SweetRLConfig, SweetRLTrainer
+
+    contribution = get_registry().get("trainer", "sweet-rl")
+    assert contribution.load() is SweetRLTrainer and contribution.load("config") is SweetRLConfig
+    assert contribution.paper[1] == "2503.15478"
+    assert hfx.SweetRLTrainer is SweetRLTrainer and hfx.SweetRLConfig is SweetRLConfig
+
+
+def test_docstring_examples():
+    import doctest
+
+    from hfx_trainers import sweet_rl, trajectories
+
+    for module in (sweet_rl, trajectories):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0

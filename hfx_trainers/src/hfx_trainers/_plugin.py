@@ -32,6 +32,8 @@ RL = {
              DRPO_PAPER),
 }
 
+SWEET_RL_PAPER = ("SWEET-RL: Training Multi-Turn LLM Agents on Collaborative Reasoning Tasks", "2503.15478")
+
 
 @hookimpl
 def hfx_register(registry):
@@ -62,3 +64,13 @@ def hfx_register(registry):
             paper=paper,
             requires={"trl": ">=1.16"},
         )
+    registry.trainer(
+        "sweet-rl",
+        "hfx_trainers.sweet_rl:SweetRLTrainer",
+        config="hfx_trainers.sweet_rl:SweetRLConfig",
+        dataset_format="messages",  # offline multi-turn trajectories
+        script="hfx_trainers.sweet_rl_script",
+        description="SWEET-RL: a critic with training-time information ranks candidate turns for turn-level DPO",
+        paper=SWEET_RL_PAPER,
+        requires={"trl": ">=1.16"},
+    )

@@ -44,6 +44,8 @@ __all__ = [
     "SweetCriticConfig",
     "SweetCriticTrainer",
     "SweetPolicyConfig",
+    "SweetRLConfig",
+    "SweetRLTrainer",
     "TurnIdsCollator",
     "last_turn_mean_logps",
     "policy_pairs",
@@ -397,3 +399,198 @@ def policy_pairs(states: Sequence[Mapping[str, Any]], candidates: Sequence[Seque
                          "rejected": [{"role": "assistant", "content": cands[lose]}],
                          "task_id": state["task_id"]})
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run: critic, candidates, ranking, policy
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweetRLConfig(HfxArguments, DPOConfig):
+    r"""Configuration of :class:`SweetRLTrainer`: the shared training arguments (``output_dir``, batch size, device,
+    precision, ...) of a ``DPOConfig``, each stage's own settings, and the pipeline's (spec §8.2–§8.3 defaults).
+
+    Critic: ``critic_learning_rate=2e-7``, ``critic_epochs=4``, ``beta=0.1``, ``advantage_normalization``,
+    ``hidden_info_template``, ``min_best_reward=1.0`` (tasks whose best attempt reaches it give critic pairs).
+    Candidates: ``data_fraction=0.1`` of the turn states, ``num_candidates=16`` at ``candidate_temperature=1.0``,
+    ``candidate_max_new_tokens``; ranking with ``reference_sees_hidden_info=True`` (False: the official ranking).
+    Policy: ``policy_learning_rate=2e-7``, ``policy_epochs=1``, ``num_pairs=4`` per state, ``nll_coef=0.01``.
+    ``critic_overrides``/``policy_overrides`` (dict or JSON) set any other field of :class:`SweetCriticConfig` /
+    :class:`SweetPolicyConfig`.
+
+    >>> SweetRLConfig(output_dir="sweet", use_cpu=True).num_candidates
+    16
+    """
+
+    beta: float = field(default=0.1, metadata={"help": "β of the critic's advantage and of the policy's DPO."})
+    critic_learning_rate: float = field(default=2e-7, metadata={"help": "Critic learning rate (official 2e-7)."})
+    critic_epochs: float = field(default=4.0, metadata={"help": "Critic epochs (official 4)."})
+    advantage_normalization: str = field(
+        default="turn_mean_sum", metadata={"help": "'turn_mean_sum' (paper) or 'trajectory_mean' (official)."}
+    )
+    hidden_info_template: str = field(default=SweetCriticConfig.hidden_info_template,
+                                      metadata={"help": "System message with the training-time information."})
+    min_best_reward: float = field(default=1.0, metadata={"help": "A task gives critic pairs when its best attempt "
+                                                                  "has at least this reward."})
+    data_fraction: float = field(default=0.1, metadata={"help": "Share of turn states given candidates (official "
+                                                                "0.1)."})
+    num_candidates: int = field(default=16, metadata={"help": "Candidate next turns per state (official 16)."})
+    candidate_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of candidates."})
+    candidate_max_new_tokens: int = field(default=1024, metadata={"help": "Longest candidate turn (official 1024)."})
+    generation_batch_size: int = field(default=16, metadata={"help": "States per generate/scoring call."})
+    reference_sees_hidden_info: bool = field(
+        default=True, metadata={"help": "Ranking: the reference term is conditioned on the hidden information like "
+                                        "the critic (the trained advantage); False: the official ranking."}
+    )
+    num_pairs: int = field(default=4, metadata={"help": "Turn-level pairs per state (official 4)."})
+    policy_learning_rate: float = field(default=2e-7, metadata={"help": "Policy learning rate (official 2e-7)."})
+    policy_epochs: float = field(default=1.0, metadata={"help": "Policy epochs (official 1)."})
+    nll_coef: float = field(default=0.01, metadata={"help": "NLL weight on the chosen turn (official 0.01)."})
+    critic_overrides: dict | str | None = field(default=None, metadata={"help": "Other SweetCriticConfig fields."})
+    policy_overrides: dict | str | None = field(default=None, metadata={"help": "Other SweetPolicyConfig fields."})
+
+    def __post_init__(self):
+        import json
+
+        name = "SweetRLConfig"
+        for key in ("critic_overrides", "policy_overrides"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                setattr(self, key, json.loads(value))
+            elif value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name}.{key} must be a dict or a JSON object, got {type(value).__name__}")
+        for key in ("num_candidates", "num_pairs", "generation_batch_size", "candidate_max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{name}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_candidates < 2:
+            raise ValueError(f"{name}.num_candidates must be >= 2: pairs come from the upper and lower half of the "
+                             "ranking")
+        if not 0 < self.data_fraction <= 1:
+            raise ValueError(f"{name}.data_fraction must be in (0, 1], got {self.data_fraction}")
+        if self.advantage_normalization not in SWEET_NORMALIZATIONS:
+            raise ValueError(f"{name}.advantage_normalization must be one of {SWEET_NORMALIZATIONS}")
+        super().__post_init__()
+
+    def stage_config(self, stage: str):
+        """The :class:`SweetCriticConfig` or :class:`SweetPolicyConfig` of a stage, in ``output_dir/<stage>``."""
+        import dataclasses
+        import os
+
+        from transformers import TrainingArguments
+
+        cls = SweetCriticConfig if stage == "critic" else SweetPolicyConfig
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingArguments)
+                  if f.init and f.name not in ("learning_rate", "num_train_epochs", "output_dir")}
+        shared = {k: v for k, v in shared.items() if not k.startswith("_")}
+        dpo = {f.name: getattr(self, f.name) for f in dataclasses.fields(DPOConfig)
+               if f.init and f.name in ("max_length", "truncation_mode", "padding_free", "dataset_num_proc",
+                                        "model_init_kwargs", "disable_dropout")}
+        if stage == "critic":
+            own = {"learning_rate": self.critic_learning_rate, "num_train_epochs": self.critic_epochs,
+                   "beta": self.beta, "advantage_normalization": self.advantage_normalization,
+                   "hidden_info_template": self.hidden_info_template, **(self.critic_overrides or {})}
+        else:
+            own = {"learning_rate": self.policy_learning_rate, "num_train_epochs": self.policy_epochs,
+                   "beta": self.beta, "loss_weights": [1.0, self.nll_coef], **(self.policy_overrides or {})}
+        return cls(output_dir=os.path.join(self.output_dir, stage), **{**shared, **dpo, **own})
+
+
+class SweetRLTrainer:
+    r"""SWEET-RL (arXiv 2503.15478), one round: critic on trajectory pairs → candidate turns from the agent →
+    critic ranking → turn-level DPO of the agent. Outputs go to ``args.output_dir/critic`` and ``.../policy``.
+
+    ``train_dataset`` holds offline trajectories (:mod:`hfx_trainers.trajectories`: ``task_id``, ``messages``,
+    ``reward``, ``hidden_info``; several attempts per task), e.g. from
+    :func:`~hfx_trainers.trajectories.collect_trajectories`. ``model`` is the agent: a local path (both stages start
+    from it) or a model (copied for the critic).
+
+    Example::
+
+        >>> from hfx_trainers.trajectories import collect_trajectories
+        >>> rows = collect_trajectories("path/to/agent", attempts=3)  # doctest: +SKIP
+        >>> SweetRLTrainer("path/to/agent", SweetRLConfig("sweet-run"), rows).train()  # doctest: +SKIP
+
+    Also available as ``hfx.SweetRLTrainer`` / ``hfx.SweetRLConfig``.
+    """
+
+    _name = "SWEET-RL"
+    _paper = SweetCriticTrainer._paper
+
+    def __init__(self, model, args: SweetRLConfig | None = None, train_dataset=None, processing_class=None,
+                 peft_config=None):
+        from transformers import AutoTokenizer
+
+        from .trajectories import validate_trajectories
+
+        if args is None:
+            args = SweetRLConfig("sweet-rl")
+        if not isinstance(args, SweetRLConfig):
+            raise TypeError(f"SweetRLTrainer needs a SweetRLConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("SweetRLTrainer needs train_dataset: offline trajectories (task_id, messages, reward, "
+                             "hidden_info), e.g. hfx_trainers.trajectories.collect_trajectories(model)")
+        self.trajectories = [dict(r) for r in train_dataset]
+        validate_trajectories(self.trajectories)
+        self.model, self.args, self.peft_config = model, args, peft_config
+        if processing_class is None:
+            if not isinstance(model, str):
+                raise ValueError("pass processing_class (the tokenizer) when model is not a path")
+            processing_class = AutoTokenizer.from_pretrained(model)
+        self.processing_class = processing_class
+        self.history: dict[str, Any] = {}
+
+    def _model_copy(self):
+        import copy
+
+        return self.model if isinstance(self.model, str) else copy.deepcopy(self.model)
+
+    def train(self) -> dict[str, Any]:
+        """Run the round; returns a summary (pair counts, losses) also kept in ``self.history``."""
+        import trl
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM
+
+        from hfx.compose import extend
+
+        from .trajectories import critic_pairs
+
+        args, tokenizer = self.args, self.processing_class
+        pairs = critic_pairs(self.trajectories, args.min_best_reward)
+        if not pairs:
+            raise ValueError(f"no critic pairs: no task has an attempt with reward >= min_best_reward "
+                             f"({args.min_best_reward}) and a worse attempt; collect more attempts per task or "
+                             "lower min_best_reward")
+        critic = SweetCriticTrainer(self._model_copy(), args=args.stage_config("critic"),
+                                    train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+                                    peft_config=self.peft_config)
+        critic_out = critic.train()
+        critic.save_model(critic.args.output_dir)
+
+        reference = (AutoModelForCausalLM.from_pretrained(self.model) if isinstance(self.model, str)
+                     else self._model_copy())
+        states = turn_states(self.trajectories, args.data_fraction, args.seed)
+        candidates = sample_candidates(reference, tokenizer, states, args.num_candidates,
+                                       temperature=args.candidate_temperature,
+                                       max_new_tokens=args.candidate_max_new_tokens,
+                                       batch_size=args.generation_batch_size)
+        scores = rank_candidates(critic.model, reference, tokenizer, states, candidates, beta=args.beta,
+                                 hidden_info_template=args.hidden_info_template,
+                                 reference_sees_hidden_info=args.reference_sees_hidden_info,
+                                 batch_size=args.generation_batch_size)
+        turn_pairs = policy_pairs(states, candidates, scores, args.num_pairs, args.seed)
+        if not turn_pairs:
+            raise ValueError("no policy pairs: every state's candidates tied; raise num_candidates or "
+                             "candidate_temperature")
+        del critic, reference
+        policy = extend(trl.DPOTrainer)(model=self._model_copy(), args=args.stage_config("policy"),
+                                        train_dataset=Dataset.from_list(turn_pairs), processing_class=tokenizer,
+                                        peft_config=self.peft_config)
+        policy_out = policy.train()
+        policy.save_model(policy.args.output_dir)
+        self.policy_model = policy.model
+        self.history = {"critic_pairs": len(pairs), "turn_states": len(states), "policy_pairs": len(turn_pairs),
+                        "critic_loss": critic_out.training_loss, "policy_loss": policy_out.training_loss,
+                        "critic_dir": str(args.stage_config("critic").output_dir),
+                        "policy_dir": str(policy.args.output_dir)}
+        return self.history
