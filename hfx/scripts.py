@@ -31,6 +31,21 @@ class HfxScriptArguments:
     )
 
 
+def model_or_warm_start(model_path: str | None, task, warm_start_steps: int | None = None,
+                        missing: str = "--model_name_or_path is required unless the dataset is a built-in toy task"
+                        ) -> str:
+    """``model_path``, or (when it is None) the toy warm start of ``task`` (a toy task or its name); without a task
+    a ``ValueError`` with ``missing``."""
+    if model_path is not None:
+        return model_path
+    if task is None:
+        raise ValueError(missing)
+    from .toy import warm_start
+
+    steps = {"steps": warm_start_steps} if warm_start_steps else {}
+    return str(warm_start(task, **steps))
+
+
 def run_trainer(contribution, argv: list[str]) -> int:
     """Parse ``argv`` for the trainer ``contribution``, build it and train; returns an exit code."""
     if "script" in contribution.extras:
@@ -47,14 +62,13 @@ def run_trainer(contribution, argv: list[str]) -> int:
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     dataset_format = contribution.extras.get("dataset_format", "prompt_completion")
 
-    model_path = model_args.model_name_or_path
-    if model_path is None:
-        if not script_args.dataset_name.startswith(TOY_PREFIX):
-            parser.error("--model_name_or_path is required unless the dataset is a built-in toy task")
-        from .toy import warm_start
-
-        steps = {"steps": script_args.warm_start_steps} if script_args.warm_start_steps else {}
-        model_path = str(warm_start(script_args.dataset_name[len(TOY_PREFIX):], **steps))
+    name = script_args.dataset_name
+    try:
+        model_path = model_or_warm_start(model_args.model_name_or_path,
+                                         name[len(TOY_PREFIX):] if name.startswith(TOY_PREFIX) else None,
+                                         script_args.warm_start_steps)
+    except ValueError as e:
+        parser.error(str(e))
     if hasattr(training_args, "model_init_kwargs"):
         init = {"revision": model_args.model_revision, "dtype": model_args.dtype,
                 "attn_implementation": model_args.attn_implementation}

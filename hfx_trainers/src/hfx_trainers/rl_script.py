@@ -19,7 +19,7 @@ from typing import Any
 
 from hfx.compose import extend
 from hfx.registry import import_string
-from hfx.scripts import TOY_PREFIX, HfxScriptArguments
+from hfx.scripts import TOY_PREFIX, HfxScriptArguments, model_or_warm_start
 
 __all__ = ["RLScript", "RLScriptArguments", "drpo", "rpg"]
 
@@ -83,14 +83,7 @@ class RLScript:
             rewards = [import_string(r) if ":" in r else r for r in script_args.reward_funcs]
         else:
             rewards = [task.reward_fn]
-        model_path = model_args.model_name_or_path
-        if model_path is None:
-            if task is None:
-                raise ValueError("--model_name_or_path is required unless the dataset is a toy task")
-            from hfx.toy import warm_start
-
-            steps = {"steps": script_args.warm_start_steps} if script_args.warm_start_steps else {}
-            model_path = str(warm_start(task, **steps))
+        model_path = model_or_warm_start(model_args.model_name_or_path, task, script_args.warm_start_steps)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         before = None
         if task is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from hfx.compose import extend
 from hfx.registry import import_string
-from hfx.scripts import TOY_PREFIX
+from hfx.scripts import TOY_PREFIX, model_or_warm_start
 
 __all__ = ["ALGORITHMS", "SelfPlayScript", "SelfPlayScriptArguments", "inpo", "rspo", "spin", "sppo"]
 
@@ -110,14 +110,7 @@ class SelfPlayScript:
         from .selfplay import SelfPlayDriver
 
         prompts, task = load_prompts(script_args)
-        model_path = model_args.model_name_or_path
-        if model_path is None:
-            if task is None:
-                raise ValueError("--model_name_or_path is required unless the dataset is a built-in toy task")
-            from hfx.toy import warm_start
-
-            steps = {"steps": script_args.warm_start_steps} if script_args.warm_start_steps else {}
-            model_path = str(warm_start(task, **steps))
+        model_path = model_or_warm_start(model_args.model_name_or_path, task, script_args.warm_start_steps)
         init = {"revision": model_args.model_revision, "dtype": model_args.dtype,
                 "attn_implementation": model_args.attn_implementation}
         init = {**{k: v for k, v in init.items() if v is not None}, **(training_args.model_init_kwargs or {})}

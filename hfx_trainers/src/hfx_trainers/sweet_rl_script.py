@@ -45,18 +45,15 @@ def main(script_args: SweetRLScriptArguments, training_args, model_args) -> dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config
 
-    from hfx.toy import CollaboratorTask, warm_start
+    from hfx.scripts import model_or_warm_start
+    from hfx.toy import CollaboratorTask
 
     from .sweet_rl import SweetRLTrainer
     from .trajectories import collect_trajectories
 
     task = None if script_args.trajectories else CollaboratorTask()
-    model_path = model_args.model_name_or_path
-    if model_path is None:
-        if task is None:
-            raise ValueError("--model_name_or_path is required with --trajectories")
-        steps = {"steps": script_args.warm_start_steps} if script_args.warm_start_steps else {}
-        model_path = str(warm_start(task, **steps))
+    model_path = model_or_warm_start(model_args.model_name_or_path, task, script_args.warm_start_steps,
+                                     missing="--model_name_or_path is required with --trajectories")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if task is None:
         path = script_args.trajectories
