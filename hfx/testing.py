@@ -536,6 +536,16 @@ def check_plain_state(state_dict: Mapping[str, Any]) -> None:
     walk(state_dict.get("param_groups", []), "param_groups", allow_str=True)
 
 
+def finish_distributed() -> None:
+    """End a multi-process test script cleanly: wait for every rank, then destroy the process group. Without it a
+    rank can exit while gloo's threads still run ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def check_weights_only_roundtrip(obj: Any) -> Any:
     """``torch.save`` ``obj`` and read it back with ``torch.load(weights_only=True)``; return the loaded copy.
 

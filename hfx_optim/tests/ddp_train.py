@@ -8,7 +8,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 import hfx
-from hfx.testing import fast_training_args, make_tiny_datasets, params_changed, snapshot_params
+from hfx.testing import fast_training_args, finish_distributed, make_tiny_datasets, params_changed, snapshot_params
 
 ARGS = {"galore2": {"rank": 4, "update_proj_gap": 2}, "fira": {"rank": 4, "update_proj_gap": 2},
         "frugal": {"update_gap": 2, "subspace": "randk"}}
@@ -26,3 +26,4 @@ for name in sys.argv[3].split(","):
                      "sum": flat.sum().item(), "sumsq": (flat * flat).sum().item(), "first": flat[:8].tolist()}
 with open(f"{out}.rank{trainer.accelerator.process_index}", "w") as f:
     json.dump(results, f)
+finish_distributed()

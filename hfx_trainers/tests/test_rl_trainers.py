@@ -355,7 +355,7 @@ def test_command_line_reward_import_string_and_toy_task_args(tmp_path):
 DDP_SCRIPT = """
 import json, sys
 import torch
-from hfx.testing import apply_offline_env, fast_training_args, make_tiny_datasets
+from hfx.testing import apply_offline_env, fast_training_args, finish_distributed, make_tiny_datasets
 from hfx_trainers.drpo import DRPOConfig, DRPOTrainer
 from hfx_trainers.rpg import RPGConfig, RPGTrainer
 
@@ -388,6 +388,7 @@ for name, config_cls, trainer_cls in (("drpo", DRPOConfig, DRPOTrainer), ("rpg",
     checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters())
     result[name] = {"groups": groups, "checksum": checksum, "world": trainer.args.world_size}
 json.dump(result, open(f"{out}/rank{torch.distributed.get_rank()}.json", "w"))
+finish_distributed()
 """
 
 

@@ -500,7 +500,7 @@ def test_non_probability_preference_model_is_rejected(model_path, tmp_path):
 
 DDP_SCRIPT = """
 import json, sys
-from hfx.testing import apply_offline_env, fast_training_args, make_tiny_datasets
+from hfx.testing import apply_offline_env, fast_training_args, finish_distributed, make_tiny_datasets
 from hfx_trainers.inpo import INPOConfig
 from hfx_trainers.preference import from_reward_fn
 from hfx_trainers.rspo import RSPOConfig
@@ -525,6 +525,7 @@ inpo.run()
 if spin.args.process_index == 0:
     json.dump({"spin": spin.history, "rspo": rspo.history, "world": spin.args.world_size},
               open(out + "/result.json", "w"))
+finish_distributed()
 """
 
 

@@ -9,7 +9,7 @@ from trl import SFTConfig, SFTTrainer
 
 import hfx
 from hfx.registry import load, reset
-from hfx.testing import fast_training_args, make_tiny_datasets, params_changed, snapshot_params
+from hfx.testing import fast_training_args, finish_distributed, make_tiny_datasets, params_changed, snapshot_params
 
 model_path, out = sys.argv[1], sys.argv[2]
 reset(load(plugins=[("testplugin", hfx_test_plugin)]))
@@ -23,3 +23,4 @@ if trainer.accelerator.is_main_process:
                    "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
                    "changed": len(params_changed(before, trainer.model)),
                    "steps": trainer.state.global_step}, f)
+finish_distributed()
