@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
 
 from trl import GRPOConfig
 
@@ -154,10 +153,6 @@ class DRPOTrainer(GroupRLTrainer):
 
     config_class = DRPOConfig
     keeps_groups_intact = True
-
-    def __init__(self, model, reward_funcs=None, args: DRPOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, **kwargs: Any):
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, **kwargs)
 
     def rl_loss(self, per_token_logps, mask, inputs):
         args = self.args

@@ -904,10 +904,11 @@ def drpo_loss(
                              f"{tuple(scores.shape)}")
     positive = binary_rewards(rewards, reward_threshold).to(scores.device)
     lengths = torch.as_tensor(lengths, device=scores.device)
-    groups = torch.as_tensor(group_ids, device=scores.device).unique()
+    group_ids = torch.as_tensor(group_ids, device=scores.device)
+    groups = group_ids.unique()
     objective = scores.new_zeros(())
     for group in groups:
-        members = torch.as_tensor(group_ids, device=scores.device) == group
+        members = group_ids == group
         pos, neg = positive & members, ~positive & members
         if not pos.any() or not neg.any():
             continue

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
 
 from trl import GRPOConfig
 
@@ -169,10 +168,6 @@ class RPGTrainer(GroupRLTrainer):
 
     config_class = RPGConfig
 
-    def __init__(self, model, reward_funcs=None, args: RPGConfig | None = None, train_dataset=None,
-                 eval_dataset=None, **kwargs: Any):
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, **kwargs)
-
     def reference_beta(self, args) -> float:
         return args.beta if args.kl_reference == "ref" else 0.0
 
@@ -180,9 +175,8 @@ class RPGTrainer(GroupRLTrainer):
         args = self.args
         old = inputs.get("old_per_token_logps")
         old = per_token_logps.detach() if old is None else old  # exactly on-policy: TRL skips computing π_old
-        ref = inputs["ref_per_token_logps"] if args.kl_reference == "ref" and args.beta != 0 else None
-        if ref is None and args.kl_reference == "ref":
-            ref = old  # β = 0: no KL term, so no reference needed
+        # TRL computes π_ref's log-probs only when β != 0; with β = 0 there is no KL term to need them
+        ref = inputs.get("ref_per_token_logps") if args.kl_reference == "ref" else None
         advantages = inputs["advantages"].to(per_token_logps.dtype)
         mask = mask.to(per_token_logps.dtype)
         options = dict(kind=args.kl_type, estimator=args.estimator, beta=args.beta, epsilon_low=args.epsilon,

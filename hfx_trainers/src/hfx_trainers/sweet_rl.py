@@ -37,7 +37,7 @@ from trl import DPOConfig
 from hfx.compose import HfxArguments
 
 from ._dpo_base import PairwiseTrainer, check_positive, reject_unused_dpo_options, reward_metrics, single_loss_type
-from .losses import SWEET_NORMALIZATIONS, sweet_critic_loss, sweet_trajectory_score
+from .losses import SWEET_NORMALIZATIONS, sweet_trajectory_score
 from .trajectories import assistant_turn_ids, validate_trajectory
 
 __all__ = [
@@ -245,11 +245,11 @@ class SweetCriticTrainer(PairwiseTrainer):
         ref_logps = self._token_logps(model, inputs, reference=True).to(logps.dtype)
         turn_ids = inputs["turn_ids"][:, 1:].to(logps.device)  # log-prob at position t scores token t + 1
         (lp_c, lp_r), (ref_c, ref_r), (t_c, t_r) = (x.chunk(2, dim=0) for x in (logps, ref_logps, turn_ids))
-        losses = sweet_critic_loss(lp_c, ref_c, t_c, lp_r, ref_r, t_r, beta=self.beta,
-                                   normalization=self.args.advantage_normalization)
-        with torch.no_grad():
-            score_c, score_r = (sweet_trajectory_score(lp.detach(), ref, t, self.args.advantage_normalization)
-                                for lp, ref, t in ((lp_c, ref_c, t_c), (lp_r, ref_r, t_r)))
+        # sweet_critic_loss, from the two scores (kept for the logged rewards)
+        score_c, score_r = (sweet_trajectory_score(lp, ref, t, self.args.advantage_normalization)
+                            for lp, ref, t in ((lp_c, ref_c, t_c), (lp_r, ref_r, t_r)))
+        losses = -torch.nn.functional.logsigmoid(self.beta * (score_c - score_r))
+        score_c, score_r = score_c.detach(), score_r.detach()
         agent = (t_c >= 0).to(lp_c.dtype)
         metrics = reward_metrics("chosen", "rejected", self.beta * score_c, self.beta * score_r,
                                  (lp_c.detach() * agent).sum(1), (lp_r.detach() * (t_r >= 0)).sum(1))
