@@ -30,7 +30,7 @@ _CORE = {
     "HfxConfigError": "hfx.settings:HfxConfigError",
     "checkpointing_field": "hfx._compat:checkpointing_field",
 }
-_SUBMODULES = ("cli", "compose", "hookspecs", "registry", "settings", "testing", "toy", "demo")
+_SUBMODULES = ("attention", "cli", "compose", "hookspecs", "registry", "settings", "testing", "toy", "demo")
 
 __all__ = [*_CORE, "__version__"]
 

@@ -21,6 +21,6 @@ def hfx_create_optimizer(model, args, trainer):
 def hfx_configure_model(model, args, trainer):
     hfx_args = getattr(trainer, "hfx_args", {})
     if hfx_args.get("hfx_attention"):
-        from .compose import apply_attention
+        from .attention import apply
 
-        apply_attention(model, hfx_args["hfx_attention"], **hfx_args["hfx_attention_args"])
+        apply(model, hfx_args["hfx_attention"], **hfx_args["hfx_attention_args"])

@@ -43,3 +43,33 @@ def trainer_has_factory_protocol() -> bool:
     """Whether a plain ``Trainer`` builds ``optimizer_cls_and_kwargs`` factories itself (transformers >= 5); on
     4.56 only hfx-extended trainers do (``HfxTrainerMixin.create_optimizer``)."""
     return transformers_v5()
+
+
+def rope_parameters(config) -> dict:
+    """The rotary settings of ``config`` as one dict with ``rope_type`` and ``rope_theta`` (transformers 5 keeps them
+    in ``config.rope_parameters``; 4.x in ``config.rope_scaling`` (None for default RoPE) and ``config.rope_theta``)."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        scaling = dict(getattr(config, "rope_scaling", None) or {})
+        rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+        params = {"rope_type": rope_type, "rope_theta": config.rope_theta, **scaling}
+    return dict(params)
+
+
+def rope_config_overrides(rope_type: str, theta: float, **params) -> dict:
+    """``config`` keyword arguments that select ``rope_type`` with ``params`` (e.g. ``factor``) on this version."""
+    if transformers_v5():
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": theta, **params}}
+    return {"rope_theta": theta, "rope_scaling": None if rope_type == "default" else {"rope_type": rope_type, **params}}
+
+
+def cache_argument() -> str:
+    """The name under which ``forward``/``generate`` take a cache object: ``cache`` from transformers 5.24 on
+    (``past_key_values`` stays a deprecated alias), ``past_key_values`` before."""
+    v = version("transformers")
+    return "cache" if v is not None and v >= Version("5.24.0.dev0") else "past_key_values"
+
+
+def output_cache(outputs):
+    """The cache a model returned (``outputs.cache`` from 5.24, ``outputs.past_key_values`` before)."""
+    return getattr(outputs, cache_argument())

@@ -167,7 +167,11 @@ def apply_attention(model, name: str, **opts):
         return contribution.load("apply")(model, **opts)
     if opts:
         raise ValueError(f"attention {name!r} is a plain attention function and takes no options; got {sorted(opts)}")
+    from .attention import on_revert
+
+    previous = model.config._attn_implementation
     model.set_attn_implementation(register_attention(name))
+    on_revert(model, lambda: model.set_attn_implementation(previous))
     return model
 
 

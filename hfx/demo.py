@@ -107,6 +107,27 @@ def untrained_metric(task, model_path: Path, seed: int) -> float:
     return task.evaluate(model.eval(), AutoTokenizer.from_pretrained(model_path))
 
 
+def continue_sft(ctx: DemoContext, learning_rate: float = 1e-3, **config) -> dict:
+    """The usual demo row: continue the warm start's SFT on the task for ``ctx.steps`` steps with an hfx-extended
+    TRL ``SFTTrainer``; ``config`` sets its fields (e.g. ``hfx_optimizer="mars"`` or ``hfx_attention="grape"``).
+    Returns the row's ``metric_after`` and ``losses``."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    import hfx
+
+    config_cls = hfx.extend(SFTConfig)
+    args = config_cls(output_dir=str(ctx.output_dir), max_steps=ctx.steps, learning_rate=learning_rate,
+                      seed=ctx.seed, per_device_train_batch_size=64, use_cpu=True, bf16=False, report_to="none",
+                      save_strategy="no", logging_steps=1, **{hfx.checkpointing_field(config_cls): False, **config})
+    tok = AutoTokenizer.from_pretrained(ctx.model_path)
+    trainer = hfx.extend(SFTTrainer)(model=str(ctx.model_path), args=args, processing_class=tok,
+                                     train_dataset=ctx.task.dataset("train", format=ctx.task.sft_format))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"metric_after": ctx.task.evaluate(trainer.model.eval(), tok), "losses": losses}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB); on CUDA the table reports allocated GPU memory instead."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

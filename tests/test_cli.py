@@ -117,3 +117,19 @@ def test_demo_with_a_tiny_step_count(isolated, capsys):
 def test_demo_rejects_unknown_methods(isolated, capsys):
     code, _, _ = run(capsys, "demo", "--methods", "nosuch", "--output-dir", str(isolated / "d"))
     assert code not in (0, None)
+
+
+def test_demo_rows_of_optimizers_and_attention(isolated, capsys):
+    """Optimizer and attention rows continue the warm start's SFT through the hfx config fields (hfx.demo.continue_sft):
+    each row trains its steps, logs a loss per step and reports the task metric."""
+    out_dir = isolated / "demo"
+    methods = ["mars", "grape", "tpa", "castle", "softplus"]
+    code, out, _ = run(capsys, "demo", "--task-args", '{"max_operand": 5}', "--warm-start-steps", "3", "--steps", "2",
+                       "--methods", ",".join(methods), "--output-dir", str(out_dir), "--cache-dir", str(isolated / "c"))
+    assert code == 0, out
+    table = (out_dir / "results.md").read_text()
+    for name in methods:
+        kind = "optimizer" if name == "mars" else "attention"
+        row = next(line for line in table.splitlines() if f"{kind} {name} " in line)
+        after = float(row.split()[4])  # method (2 words), metric, before, after, ...
+        assert 0.0 <= after <= 1.0, row

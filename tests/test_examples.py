@@ -32,6 +32,33 @@ def test_optimizers_example(optimizer, isolated, tiny_model_dir, monkeypatch):
     assert 0.0 <= result["after"] <= 1.0
 
 
+@pytest.mark.parametrize(("attention", "args"), [("grape", '{"variant": "fox"}'), ("tpa", '{"init": "gqa"}'),
+                                                  ("castle", "{}"), ("softplus", '{"trained": true}')])
+def test_attention_example_fine_tunes(attention, args, isolated, tiny_model_dir, monkeypatch):
+    example = load("attention")
+    monkeypatch.setattr(sys, "argv", [
+        "attention.py", "--config", str(EXAMPLES / "attention.yaml"), "--model_name_or_path",
+        str(tiny_model_dir("qwen2")), "--hfx_attention", attention, "--hfx_attention_args", args, "--max_steps", "2",
+        "--output_dir", str(isolated / "out"), "--per_device_train_batch_size", "4", "--max_length", "32"])
+    result = example.main(*example.make_parser().parse_args_and_config())
+    assert result["applied"] == [attention] and 0.0 <= result["after"] <= 1.0
+
+
+@pytest.mark.parametrize(("method", "args"), [("sinks", '{"num_sink_tokens": 2, "window": 6}'),
+                                              ("h2o", '{"heavy": 4, "recent": 4}')])
+def test_attention_example_generates_with_flat_memory(method, args, isolated, tiny_model_dir, monkeypatch):
+    """The cache policy holds the same bytes at every length past its budget; the dense cache grows with the text."""
+    example = load("attention")
+    monkeypatch.setattr(sys, "argv", ["attention.py", "--config", str(EXAMPLES / "attention.yaml"),
+                                      "--model_name_or_path", str(tiny_model_dir("qwen2")),
+                                      "--generate", method, "--new_tokens", "64", "--cache_args", args,
+                                      "--output_dir", str(isolated / "out")])
+    rows = example.main(*example.make_parser().parse_args_and_config())["rows"]
+    dense = [r["cache_bytes"] for r in rows if r["method"] == "dense"]
+    policy = [r["cache_bytes"] for r in rows if r["method"] == method]
+    assert dense[0] < dense[1] < dense[2] and len(set(policy)) == 1 and policy[0] < dense[0]
+
+
 @pytest.mark.parametrize("algorithm", ["spin", "sppo", "rspo", "inpo"])
 def test_self_play_examples(algorithm, isolated, tiny_model_dir, monkeypatch):
     example = load(algorithm)

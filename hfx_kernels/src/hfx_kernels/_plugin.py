@@ -30,6 +30,17 @@ KERNELS = {
                  "absmax scales and codes (int8, int4 packed two per byte, fp8 e4m3), nearest or stochastic", FLOATS),
     "dequantize": ("hfx_kernels.quantize:dequantize", "hfx_kernels.quantize:dequantize_reference",
                    "codes times scales (int4 unpacked in-kernel)", FLOATS),
+    "softplus_attention": ("hfx_kernels.softplus_attention:softplus_attention",
+                           "hfx_kernels.softplus_attention:softplus_attention_reference",
+                           "LSSA/LSSAR forward and backward, flash-style: softplus, per-row log N scale, masks and l1 "
+                           "normalisation (plus the two-pass relu(N A - 1)^p re-weighting) without the T x T matrix; "
+                           "GQA without repeating k/v", FLOATS),
+    "attn_colsum": ("hfx_kernels.attn_colsum:attn_colsum", "hfx_kernels.attn_colsum:attn_colsum_reference",
+                    "H2O attention mass per key in two passes (row log-sum-exp, then softmax column sums over rows "
+                    "and the group's query heads), no T x T matrix", FLOATS),
+    "tpa_decode": ("hfx_kernels.tpa_decode:tpa_decode", "hfx_kernels.tpa_decode:tpa_decode_reference",
+                   "TPA attention on the factor cache: q.b_k per rank, head mix by a_k, online softmax, values as "
+                   "(p a_v) @ b_v; K and V never materialised", FLOATS),
 }
 
 

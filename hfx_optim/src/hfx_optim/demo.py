@@ -11,22 +11,9 @@ DEMO_ARGS = {"galore2": {"rank": 32, "update_proj_gap": 10}, "fira": {"rank": 32
 
 
 def continue_sft(name: str, ctx) -> dict:
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from hfx.demo import continue_sft
 
-    import hfx
-
-    config = hfx.extend(SFTConfig)
-    args = config(output_dir=str(ctx.output_dir), max_steps=ctx.steps, learning_rate=1e-3, seed=ctx.seed,
-                  per_device_train_batch_size=64, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                  logging_steps=1, hfx_optimizer=name, hfx_optimizer_args=DEMO_ARGS.get(name, {}),
-                  **{hfx.checkpointing_field(config): False})
-    tok = AutoTokenizer.from_pretrained(ctx.model_path)
-    trainer = hfx.extend(SFTTrainer)(model=str(ctx.model_path), args=args, processing_class=tok,
-                                     train_dataset=ctx.task.dataset("train", format=ctx.task.sft_format))
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"metric_after": ctx.task.evaluate(trainer.model.eval(), tok), "losses": losses}
+    return continue_sft(ctx, hfx_optimizer=name, hfx_optimizer_args=DEMO_ARGS.get(name, {}))
 
 
 mars, galore2, fira, frugal, eco = (partial(continue_sft, n) for n in ("mars", "galore2", "fira", "frugal", "eco"))
