@@ -420,6 +420,11 @@ class CollaboratorTask:
     ``x`` and ``y`` come from ``range(max_operand)``; pairs are shuffled with ``seed`` and split like
     :class:`ArithmeticTask`.
 
+    ``critic_context`` (a template with ``{hidden_info}``, e.g. SWEET-RL's ``hidden_info_template``) puts the answer
+    in a system message before every demonstration: a warm start on that data reads the training-time information
+    the way an instruct model reads its system prompt, the toy stand-in for the paper's critic initialisation
+    (``warm_start("collaborator", critic_context=...)``).
+
     Example::
 
         task = CollaboratorTask()
@@ -436,6 +441,7 @@ class CollaboratorTask:
     n_eval: int | None = None
     max_turns: int = 3
     seed: int = 0
+    critic_context: str = ""
 
     name: ClassVar[str] = "collaborator"
     metric_name: ClassVar[str] = "success_rate"
@@ -477,9 +483,13 @@ class CollaboratorTask:
         return CollaboratorEnv(self)
 
     def demonstration(self, task_id: str) -> list[dict[str, str]]:
-        """An expert conversation: ask, get the hidden number, answer correctly."""
+        """An expert conversation: ask, get the hidden number, answer correctly. With ``critic_context`` it opens
+        with that system message, ``{hidden_info}`` filled with the answer."""
         item = self.get(task_id)
+        context = ([{"role": "system", "content": self.critic_context.format(hidden_info=item.hidden["answer"])}]
+                   if self.critic_context else [])
         return [
+            *context,
             {"role": "user", "content": item.prompt},
             {"role": "assistant", "content": "y?"},
             {"role": "user", "content": f"y={item.hidden['y']}"},
@@ -496,6 +506,29 @@ class CollaboratorTask:
                 if env.done:
                     break
         return env.reward()
+
+    def optimal_value(self, task_id: str, messages: Sequence[dict]) -> float:
+        """The reward an optimal agent reaches when it takes over after ``messages`` (a dialogue that may stop after
+        any agent turn): the true value of the last turn, for checking a critic's per-turn ranking.
+
+        An ended episode keeps its reward; otherwise the best agent answers at once if it knows y and has a turn
+        left, or asks first if it has two.
+
+            >>> task = CollaboratorTask()
+            >>> task.optimal_value("train-0", [{"role": "user", "content": "..."}, {"role": "assistant", "content": "y?"}])
+            1.0
+        """
+        env = self.env()
+        env.reset(task_id)
+        knows_y = False
+        for message in messages:
+            if message["role"] == "assistant":
+                reply, done = env.step(message["content"])
+                if done:
+                    return env.reward()
+                knows_y = knows_y or reply != _NUDGE
+        turns_left = self.max_turns - env.turns
+        return float(turns_left >= 1 if knows_y else turns_left >= 2)
 
     def dataset(self, split: str = "train", format: str = "messages"):
         """``"messages"``: expert demonstrations for SFT. ``"prompt"``: ``prompt`` (the first user turn, in
@@ -534,8 +567,12 @@ class CollaboratorTask:
 
 def play_episodes(make_env, task_ids: Sequence[Any], model: Any, tokenizer: Any = None, *, max_turns: int,
                   batch_size: int = 256, max_new_tokens: int = 8, desc: str | None = "episodes",
-                  **generate_kwargs) -> list[dict]:
+                  histories: Sequence[Sequence[dict]] | None = None, **generate_kwargs) -> list[dict]:
     """Play ``model`` (or a path) through one fresh environment per task id, all episodes batched turn by turn.
+
+    With ``histories`` (one dialogue per task id, starting with the environment's first message), each episode first
+    replays that dialogue's agent messages and the model takes over from there: the value of a dialogue prefix under
+    the model's policy (e.g. to check a critic's ranking of candidate turns).
 
     ``make_env()`` returns an object with the multi-turn protocol of :class:`CollaboratorEnv`:
     ``reset(task_id) -> first user message``, ``step(agent_message) -> (reply or None, done)``, ``reward()``.
@@ -545,23 +582,36 @@ def play_episodes(make_env, task_ids: Sequence[Any], model: Any, tokenizer: Any 
     """
     from tqdm.auto import tqdm
 
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     model, tok = _resolve(model, tokenizer)
     envs = [make_env() for _ in task_ids]
     convs = [[{"role": "user", "content": env.reset(t)}] for env, t in zip(envs, task_ids)]
-    done = [False] * len(envs)
+    done, turns = [False] * len(envs), [0] * len(envs)
+
+    def step(i, message):
+        convs[i].append({"role": "assistant", "content": message})
+        reply, done[i] = envs[i].step(message)
+        turns[i] += 1
+        done[i] = done[i] or turns[i] >= max_turns
+        if reply is not None and not done[i]:
+            convs[i].append({"role": "user", "content": reply})
+
+    if histories is not None and len(histories) != len(task_ids):
+        raise ValueError(f"histories has {len(histories)} dialogues for {len(task_ids)} task ids")
+    for i, history in enumerate(histories or ()):
+        for message in history[1:]:
+            if message["role"] == "assistant" and not done[i]:
+                step(i, message["content"])
     with tqdm(total=len(envs), desc=desc, leave=False, **({"disable": True} if desc is None else {})) as bar:
-        for _ in range(max_turns):
+        bar.update(sum(done))
+        while not all(done):
             active = [i for i, d in enumerate(done) if not d]
-            if not active:
-                break
             texts = [tok.apply_chat_template(convs[i], tokenize=False, add_generation_prompt=True) for i in active]
             replies = _generate(model, tok, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 **generate_kwargs)
             for i, message in zip(active, replies):
-                convs[i].append({"role": "assistant", "content": message})
-                reply, done[i] = envs[i].step(message)
-                if reply is not None and not done[i]:
-                    convs[i].append({"role": "user", "content": reply})
+                step(i, message)
                 bar.update(int(done[i]))
     return [{"task_id": t, "messages": c, "reward": float(e.reward())} for t, c, e in zip(task_ids, convs, envs)]
 
@@ -657,7 +707,7 @@ def get_task(task: Any = "arithmetic", **fields):
     Example::
 
         >>> get_task("arithmetic", max_operand=10)
-        ArithmeticTask(max_operand=10, n_train=None, n_eval=None, seed=0)
+        ArithmeticTask(max_operand=10, n_train=None, n_eval=None, seed=0, verbose_tail=0)
     """
     if isinstance(task, str):
         try:

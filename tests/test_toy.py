@@ -290,6 +290,18 @@ def test_collaborator_demonstrations_replay_to_reward_one():
         assert task.replay(tid, demo[:2]) == 0.0  # asked but never answered
 
 
+def test_collaborator_critic_context_opens_demonstrations_with_the_answer():
+    plain = toy.CollaboratorTask()
+    task = toy.CollaboratorTask(critic_context="the answer is {hidden_info}!")
+    for tid in task.task_ids("train")[:20]:
+        demo = task.demonstration(tid)
+        assert demo[0] == {"role": "system", "content": f"the answer is {plain.get(tid).hidden['answer']}!"}
+        assert demo[1:] == plain.demonstration(tid)
+        assert task.replay(tid, demo) == 1.0
+    assert task.dataset("train")["messages"][0][0]["role"] == "system"
+    assert task.dataset("train", "prompt")["prompt"][0] == plain.dataset("train", "prompt")["prompt"][0]
+
+
 def test_collaborator_malformed_input():
     task = toy.CollaboratorTask(max_turns=3)
     env = task.env()
@@ -478,3 +490,52 @@ def test_arithmetic_verbose_tail_only_lengthens_sft_completions():
     prompts = verbose.prompts("train")
     assert verbose.reward_fn(prompts, tailed) == [1.0] * len(prompts)  # the reward ignores the tail
     assert verbose.dataset("train", "prompt")[:] == plain.dataset("train", "prompt")[:]
+
+
+def test_collaborator_optimal_value_of_each_turn():
+    task = toy.CollaboratorTask(max_turns=3)
+    tid = task.task_ids("train")[0]
+    item = task.get(tid)
+    right, wrong = str(item.hidden["answer"]), str(item.hidden["answer"] + 1)
+    user = {"role": "user", "content": item.prompt}
+
+    def agent(text):
+        return {"role": "assistant", "content": text}
+
+    assert task.optimal_value(tid, [user, agent("y?")]) == 1.0                 # asked: answer next turn
+    assert task.optimal_value(tid, [user, agent(wrong)]) == 0.0                # a wrong guess ends it
+    assert task.optimal_value(tid, [user, agent("hm")]) == 1.0                 # 2 turns left: ask, answer
+    assert task.optimal_value(tid, [user, agent("hm"), {"role": "user", "content": "Ask or answer."},
+                                    agent("hm")]) == 0.0                       # 1 turn left, y unknown
+    reply = {"role": "user", "content": f"y={item.hidden['y']}"}
+    assert task.optimal_value(tid, [user, agent("y?"), reply, agent(right)]) == 1.0
+    assert task.optimal_value(tid, [user, agent("y?"), reply, agent("ok")]) == 1.0  # one turn left, y known
+    assert task.optimal_value(tid, task.demonstration(tid)) == task.replay(tid, task.demonstration(tid))
+
+
+def test_play_episodes_continues_histories():
+    """With histories the env replays each dialogue's agent turns and the model plays the rest: a wrong first guess
+    ends at once (the model is never asked), a question gets the answer from the model, a stall leaves it the last
+    turn; the turn budget counts the replayed turns."""
+    tok = toy.tokenizer()
+    task = toy.CollaboratorTask(max_turns=3)
+    tid = task.task_ids("train")[0]
+    item = task.get(tid)
+    answer = item.hidden["answer"]
+    model = _StubLM(tok, lambda p: str(answer))  # always answers right
+    user = {"role": "user", "content": item.prompt}
+
+    def agent(text):
+        return {"role": "assistant", "content": text}
+
+    histories = [[user, agent(str(answer + 1))], [user, agent("y?")], [user, agent("hm"), agent("hm")], [user]]
+    episodes = toy.play_episodes(task.env, [tid] * 4, model, tok, max_turns=3, histories=histories, desc=None)
+    assert [e["reward"] for e in episodes] == [0.0, 1.0, 1.0, 1.0]
+    assert [sum(m["role"] == "assistant" for m in e["messages"]) for e in episodes] == [1, 2, 3, 1]
+    assert episodes[1]["messages"][2] == {"role": "user", "content": f"y={item.hidden['y']}"}
+    assert len(model.seen) == 3  # the ended episode never reached the model
+    stalled = toy.play_episodes(task.env, [tid], _StubLM(tok, lambda p: "hm"), tok, max_turns=3,
+                                histories=[[user, agent("y?")]], desc=None)[0]
+    assert stalled["reward"] == 0.0 and sum(m["role"] == "assistant" for m in stalled["messages"]) == 3
+    with pytest.raises(ValueError, match="2 dialogues for 1 task ids"):
+        toy.play_episodes(task.env, [tid], model, tok, max_turns=3, histories=[[user], [user]])

@@ -239,6 +239,43 @@ def test_sweet_rl_round_trains_critic_then_policy(tmp_path):
     assert args.stage_config("policy").loss_weights == [1.0, 0.01]
 
 
+@pytest.mark.parametrize("reference_sees_hidden_info", [True, False])
+def test_separate_critic_model_starts_the_critic_and_is_its_reference(tmp_path, monkeypatch,
+                                                                      reference_sees_hidden_info):
+    """``critic_model``: the critic stage starts from it, and the ranking's reference is its frozen copy (the trained
+    advantage) or, with ``reference_sees_hidden_info=False``, the agent (the official ranking)."""
+    from transformers import AutoModelForCausalLM
+
+    from hfx_trainers import sweet_rl
+    from hfx_trainers.sweet_rl import SweetRLConfig, SweetRLTrainer
+
+    agent_path = str(shared_tiny_model_dir())
+    critic_init = AutoModelForCausalLM.from_pretrained(agent_path)
+    with torch.no_grad():
+        for p in critic_init.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    critic_init.save_pretrained(tmp_path / "critic_init")
+    args = fast_training_args(SweetRLConfig, tmp_path / "run", max_length=256, num_candidates=2, data_fraction=0.25,
+                              candidate_max_new_tokens=2, critic_learning_rate=1e-12,
+                              reference_sees_hidden_info=reference_sees_hidden_info)
+    trainer = SweetRLTrainer(agent_path, args, offline_trajectories(), critic_model=str(tmp_path / "critic_init"))
+    critic = trainer.train_critic()
+    start = dict(critic_init.named_parameters())
+    for name, p in critic.named_parameters():
+        torch.testing.assert_close(p.detach(), start[name].detach(), atol=1e-6, rtol=0)
+    seen = {}
+
+    def recording_rank(critic, reference, tokenizer, states, candidates, **kwargs):
+        seen["ref"] = reference
+        return [[0.0] * len(c) for c in candidates]
+
+    monkeypatch.setattr(sweet_rl, "rank_candidates", recording_rank)
+    trainer.rank_turns(critic)
+    expected = critic_init if reference_sees_hidden_info else AutoModelForCausalLM.from_pretrained(agent_path)
+    for (name, p), q in zip(seen["ref"].named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=0, rtol=0, msg=name)
+
+
 def test_sweet_rl_bad_input_is_named(tmp_path):
     from hfx_trainers.sweet_rl import SweetRLConfig, SweetRLTrainer
 
@@ -273,3 +310,126 @@ def test_docstring_examples():
 
     for module in (sweet_rl, trajectories):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def expert_and_failed_rows(task, n: int = 3) -> list[dict]:
+    """Per task, the expert demonstration and the same dialogue with a wrong answer, rewarded by replaying them."""
+    rows = []
+    for tid in task.task_ids("train")[:n]:
+        good = task.demonstration(tid)
+        bad = [*good[:-1], {"role": "assistant", "content": str(task.get(tid).hidden["answer"] + 1)}]
+        rows += [{"task_id": tid, "messages": m, "reward": task.replay(tid, m),
+                  "hidden_info": str(task.get(tid).hidden["answer"])} for m in (good, bad)]
+    return rows
+
+
+def test_demo_row(tmp_path, monkeypatch):
+    """``hfx demo --task collaborator``: one round of the toy recipe from the warm start, success before/after and the
+    critic's then the policy's losses (collection replaced by expert/failed dialogues: a 3-step warm start never
+    succeeds, so it would give no critic pairs)."""
+    import math
+
+    from hfx.demo import DemoContext
+    from hfx.toy import ArithmeticTask, CollaboratorTask, warm_start
+    from hfx_trainers import sweet_rl_script, trajectories
+
+    task = CollaboratorTask(max_operand=4)
+    path = warm_start(task, 3, stop_at=None, cache_dir=tmp_path / "cache", hidden_size=32, num_hidden_layers=1)
+    monkeypatch.setattr(trajectories, "collect_trajectories", lambda *a, **k: expert_and_failed_rows(task))
+    monkeypatch.setitem(sweet_rl_script.TOY_RECIPE, "logging_steps", 1)
+    result = sweet_rl_script.demo(DemoContext(task, path, 20, 0, tmp_path / "sweet"))
+    assert 0.0 <= result["metric_before"] <= 1.0 and 0.0 <= result["metric_after"] <= 1.0
+    assert len(result["losses"]) >= 2 and all(math.isfinite(x) for x in result["losses"])
+    assert (tmp_path / "sweet" / "critic" / "model.safetensors").is_file()
+    assert (tmp_path / "sweet" / "policy" / "model.safetensors").is_file()
+    skipped = sweet_rl_script.demo(DemoContext(ArithmeticTask(), path, 20, 0, tmp_path / "d"))
+    assert math.isnan(skipped["metric_after"])
+
+
+def test_command_line_critic_model_reaches_the_trainer(tmp_path, monkeypatch):
+    """`hfx sweet-rl --trajectories F --critic_model_name_or_path C`: the trainer gets C as its critic start."""
+    import json
+
+    from hfx_trainers import sweet_rl, sweet_rl_script
+
+    data = tmp_path / "trajectories.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in offline_trajectories()))
+    seen = {}
+
+    class Recording:
+        def __init__(self, model, args, rows, **kwargs):
+            seen.update(model=model, rows=len(rows), **kwargs)
+
+        def train(self):
+            return {}
+
+    monkeypatch.setattr(sweet_rl, "SweetRLTrainer", Recording)
+    parsed = sweet_rl_script.make_parser().parse_args_and_config(args=[
+        "--trajectories", str(data), "--model_name_or_path", str(shared_tiny_model_dir()),
+        "--critic_model_name_or_path", "path/to/critic", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    sweet_rl_script.main(*parsed)
+    assert seen["critic_model"] == "path/to/critic" and seen["model"] == str(shared_tiny_model_dir())
+    assert seen["rows"] == len(offline_trajectories())
+
+
+@pytest.mark.slow
+def test_hfx_sweet_rl_toy_path(tmp_path, monkeypatch):
+    """`hfx sweet-rl` with no arguments but the recipe: the toy warm start plays every train task 3 times, the critic
+    and the policy train, and success is measured before and after on the eval tasks."""
+    from hfx.cli import main as cli
+    from hfx_trainers import sweet_rl_script
+
+    monkeypatch.setenv("HFX_CACHE_DIR", str(tmp_path / "cache"))
+    captured = {}
+    real_main = sweet_rl_script.main
+    monkeypatch.setattr(sweet_rl_script, "main", lambda *a: captured.setdefault("summary", real_main(*a)))
+    argv = ["sweet-rl", "--output_dir", str(tmp_path / "out")]
+    for key, value in sweet_rl_script.TOY_RECIPE.items():
+        argv += [f"--{key}", str(value)]
+    assert cli(argv) in (0, None)
+    summary = captured["summary"]
+    assert summary["critic_pairs"] > 50 and summary["policy_pairs"] > 50
+    assert 0.0 < summary["before"] < 1.0 and 0.0 <= summary["after"] <= 1.0
+    assert (tmp_path / "out" / "policy" / "model.safetensors").is_file()
+
+
+def test_candidates_with_vllm(monkeypatch):
+    """``use_vllm``: vLLM's offline engine gets the chat-templated histories (generation prompt included, as HF
+    generation and TRL's training see them), ``num_candidates`` samples each at the candidate temperature, the seed
+    and ``vllm_kwargs``; its texts come back as each state's candidates (a recording stand-in for vLLM)."""
+    import sys
+    from types import SimpleNamespace
+
+    from hfx_trainers.sweet_rl import SweetRLConfig, SweetRLTrainer, sample_candidates
+
+    calls = {}
+
+    class LLM:
+        def __init__(self, model, seed, **kwargs):
+            calls["llm"] = {"model": model, "seed": seed, **kwargs}
+
+        def generate(self, prompts, params):
+            calls["prompts"], calls["params"] = prompts, vars(params)
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=f"c{i}-{j}") for j in range(params.n)])
+                    for i in range(len(prompts))]
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, SamplingParams=SimpleNamespace))
+    path = str(shared_tiny_model_dir("qwen2"))
+    tok = AutoTokenizer.from_pretrained(path)
+    states = [{"task_id": i, "history": dialogue("y?", str(11 + i))[:3], "hidden_info": str(11 + i)}
+              for i in range(2)]
+    out = sample_candidates(path, tok, states, 3, temperature=0.7, max_new_tokens=5, use_vllm=True,
+                            vllm_kwargs={"gpu_memory_utilization": 0.3}, seed=4)
+    assert out == [[f"c{i}-{j}" for j in range(3)] for i in range(2)]
+    assert calls["llm"] == {"model": path, "seed": 4, "gpu_memory_utilization": 0.3}
+    assert calls["params"] == {"n": 3, "max_tokens": 5, "temperature": 0.7, "top_p": 1.0, "top_k": -1, "seed": 4}
+    for state, prompt in zip(states, calls["prompts"], strict=True):
+        text = tok.apply_chat_template(state["history"], tokenize=False, add_generation_prompt=True)
+        assert prompt["prompt_token_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        assert state["hidden_info"] not in text  # the hidden information never reaches the agent
+    with pytest.raises(ValueError, match="pass the agent as a path"):
+        sample_candidates(object(), tok, states, 2, use_vllm=True)
+    with pytest.raises(ValueError, match="pass the agent as a path"):
+        SweetRLTrainer(object(), SweetRLConfig("o", use_cpu=True, use_vllm=True),
+                       [{"task_id": 0, "messages": dialogue("y?", "11"), "reward": 1.0, "hidden_info": "11"}],
+                       processing_class=tok)

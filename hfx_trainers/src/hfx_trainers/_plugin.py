@@ -70,6 +70,7 @@ def hfx_register(registry):
         config="hfx_trainers.sweet_rl:SweetRLConfig",
         dataset_format="messages",  # offline multi-turn trajectories
         script="hfx_trainers.sweet_rl_script",
+        demo="hfx_trainers.sweet_rl_script:demo",  # hfx demo --task collaborator
         description="SWEET-RL: a critic with training-time information ranks candidate turns for turn-level DPO",
         paper=SWEET_RL_PAPER,
         requires={"trl": ">=1.16"},

@@ -376,23 +376,23 @@ def _import_vllm():
     return vllm
 
 
-def _vllm_completions(model_path: str, tokenizer, prompts: Sequence[Any], args: SelfPlayArguments, seed: int):
-    """vLLM's offline engine on the saved π_t, prompts tokenised as for HF generation.
-
-    Not exercised by the test suite (no vLLM or GPU there); kept small on purpose."""
+def vllm_completions(model_path: str, tokenizer, prompts: Sequence[Any], num_generations: int, max_new_tokens: int,
+                     *, seed: int = 0, vllm_kwargs: dict | None = None, do_sample: bool = True, **sampling) -> list:
+    """``num_generations`` completions per prompt from vLLM's offline engine on the model saved at ``model_path``,
+    prompts tokenised as for HF generation (:func:`generate_completions`'s return format). ``sampling`` takes the
+    ``generate``-style ``temperature``, ``top_p``, ``top_k`` (0/None = off); ``vllm_kwargs`` go to ``vllm.LLM``."""
     vllm = _import_vllm()
     conversational = _prompt_format(prompts)
     encoded = _encode(tokenizer, prompts, conversational)
-    sampling = args.sampling_kwargs()
     params = vllm.SamplingParams(
-        n=args.num_generations,
-        max_tokens=args.max_new_tokens,
-        temperature=sampling.get("temperature", 1.0) if args.do_sample else 0.0,
-        top_p=sampling.get("top_p", 1.0) if args.do_sample else 1.0,
+        n=num_generations,
+        max_tokens=max_new_tokens,
+        temperature=sampling.get("temperature", 1.0) if do_sample else 0.0,
+        top_p=sampling.get("top_p", 1.0) if do_sample else 1.0,
         top_k=sampling.get("top_k") or -1,
         seed=seed,
     )
-    llm = vllm.LLM(model=model_path, seed=seed, **args.vllm_kwargs)
+    llm = vllm.LLM(model=model_path, seed=seed, **(vllm_kwargs or {}))
     try:
         results = llm.generate([{"prompt_token_ids": ids} for ids in encoded], params)
         return [[_as_completion(o.text, conversational) for o in r.outputs] for r in results]
@@ -817,7 +817,9 @@ class SelfPlayDriver:
         set_seed(sp.generation_seed + t)
         start = time.perf_counter()
         if sp.use_vllm:
-            candidates = _vllm_completions(str(source), self.tokenizer, texts, sp, sp.generation_seed + t)
+            candidates = vllm_completions(str(source), self.tokenizer, texts, sp.num_generations, sp.max_new_tokens,
+                                          seed=sp.generation_seed + t, vllm_kwargs=sp.vllm_kwargs,
+                                          **sp.sampling_kwargs())
         else:
             candidates = generate_completions(
                 policy, self.tokenizer, texts, sp.num_generations, sp.max_new_tokens, sp.generation_batch_size,

@@ -305,15 +305,23 @@ def turn_states(trajectories: Sequence[Mapping[str, Any]], fraction: float = 0.1
 
 def sample_candidates(model, tokenizer, states: Sequence[Mapping[str, Any]], num_candidates: int = 16, *,
                       temperature: float = 1.0, max_new_tokens: int = 1024, batch_size: int = 16,
+                      use_vllm: bool = False, vllm_kwargs: dict | None = None, seed: int = 0,
                       **generate_kwargs) -> list[list[str]]:
     """``num_candidates`` sampled next turns of the agent for each state's history (the agent never sees the
-    hidden information); batched HF ``generate`` with a progress bar (:func:`hfx_trainers.selfplay.
-    generate_completions`)."""
-    from .selfplay import generate_completions
+    hidden information): batched HF ``generate`` with a progress bar (:func:`hfx_trainers.selfplay.
+    generate_completions`), or vLLM's offline engine with ``use_vllm=True`` (``model`` is then the agent's path)."""
+    from .selfplay import generate_completions, vllm_completions
 
-    out = generate_completions(model, tokenizer, [list(s["history"]) for s in states], num_candidates,
-                               max_new_tokens, batch_size, desc="SWEET-RL candidate turns", do_sample=True,
-                               temperature=temperature, **generate_kwargs)
+    histories = [list(s["history"]) for s in states]
+    if use_vllm:
+        if not isinstance(model, str):
+            raise ValueError("use_vllm=True samples with vLLM from a saved model: pass the agent as a path")
+        out = vllm_completions(model, tokenizer, histories, num_candidates, max_new_tokens, seed=seed,
+                               vllm_kwargs=vllm_kwargs, temperature=temperature, **generate_kwargs)
+    else:
+        out = generate_completions(model, tokenizer, histories, num_candidates, max_new_tokens, batch_size,
+                                   desc="SWEET-RL candidate turns", do_sample=True, temperature=temperature,
+                                   **generate_kwargs)
     return [[c[-1]["content"] for c in row] for row in out]
 
 
@@ -414,7 +422,7 @@ class SweetRLConfig(HfxArguments, DPOConfig):
     Critic: ``critic_learning_rate=2e-7``, ``critic_epochs=4``, ``beta=0.1``, ``advantage_normalization``,
     ``hidden_info_template``, ``min_best_reward=1.0`` (tasks whose best attempt reaches it give critic pairs).
     Candidates: ``data_fraction=0.1`` of the turn states, ``num_candidates=16`` at ``candidate_temperature=1.0``,
-    ``candidate_max_new_tokens``; ranking with ``reference_sees_hidden_info=True`` (False: the official ranking).
+    ``candidate_max_new_tokens`` (HF ``generate``, or vLLM with ``use_vllm``/``vllm_kwargs``); ranking with ``reference_sees_hidden_info=True`` (False: the official ranking).
     Policy: ``policy_learning_rate=2e-7``, ``policy_epochs=1``, ``num_pairs=4`` per state, ``nll_coef=0.01``.
     ``critic_overrides``/``policy_overrides`` (dict or JSON) set any other field of :class:`SweetCriticConfig` /
     :class:`SweetPolicyConfig`.
@@ -439,6 +447,10 @@ class SweetRLConfig(HfxArguments, DPOConfig):
     candidate_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of candidates."})
     candidate_max_new_tokens: int = field(default=1024, metadata={"help": "Longest candidate turn (official 1024)."})
     generation_batch_size: int = field(default=16, metadata={"help": "States per generate/scoring call."})
+    use_vllm: bool = field(default=False, metadata={"help": "Sample candidates with vLLM's offline engine (pip install "
+                                                            "vllm; the agent given as a path)."})
+    vllm_kwargs: dict | str | None = field(default=None, metadata={"help": "Keyword arguments of vllm.LLM (dict or "
+                                                                           "JSON)."})
     reference_sees_hidden_info: bool = field(
         default=True, metadata={"help": "Ranking: the reference term is conditioned on the hidden information like "
                                         "the critic (the trained advantage); False: the official ranking."}
@@ -454,7 +466,7 @@ class SweetRLConfig(HfxArguments, DPOConfig):
         import json
 
         name = "SweetRLConfig"
-        for key in ("critic_overrides", "policy_overrides"):
+        for key in ("critic_overrides", "policy_overrides", "vllm_kwargs"):
             value = getattr(self, key)
             if isinstance(value, str):
                 setattr(self, key, json.loads(value))
@@ -502,8 +514,9 @@ class SweetRLTrainer:
 
     ``train_dataset`` holds offline trajectories (:mod:`hfx_trainers.trajectories`: ``task_id``, ``messages``,
     ``reward``, ``hidden_info``; several attempts per task), e.g. from
-    :func:`~hfx_trainers.trajectories.collect_trajectories`. ``model`` is the agent: a local path (both stages start
-    from it) or a model (copied for the critic).
+    :func:`~hfx_trainers.trajectories.collect_trajectories`. ``model`` is the agent: a local path or a model.
+    ``critic_model`` (a path or a model sharing the agent's tokenizer; default: the agent, as in the paper where both
+    start from the same instruct model) is the critic's starting point and, frozen, its reference.
 
     Example::
 
@@ -518,7 +531,7 @@ class SweetRLTrainer:
     _paper = SweetCriticTrainer._paper
 
     def __init__(self, model, args: SweetRLConfig | None = None, train_dataset=None, processing_class=None,
-                 peft_config=None):
+                 peft_config=None, critic_model=None):
         from transformers import AutoTokenizer
 
         from .trajectories import validate_trajectories
@@ -532,7 +545,10 @@ class SweetRLTrainer:
                              "hidden_info), e.g. hfx_trainers.trajectories.collect_trajectories(model)")
         self.trajectories = [dict(r) for r in train_dataset]
         validate_trajectories(self.trajectories)
+        if args.use_vllm and not isinstance(model, str):
+            raise ValueError("use_vllm=True samples candidates with vLLM from a saved model: pass the agent as a path")
         self.model, self.args, self.peft_config = model, args, peft_config
+        self.critic_model = model if critic_model is None else critic_model
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("pass processing_class (the tokenizer) when model is not a path")
@@ -540,57 +556,92 @@ class SweetRLTrainer:
         self.processing_class = processing_class
         self.history: dict[str, Any] = {}
 
-    def _model_copy(self):
+    @staticmethod
+    def _copy(model):
+        """A path stays a path (each stage loads its own copy); a model is deep-copied."""
         import copy
 
-        return self.model if isinstance(self.model, str) else copy.deepcopy(self.model)
+        return model if isinstance(model, str) else copy.deepcopy(model)
+
+    @staticmethod
+    def _loaded(model):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model) if isinstance(model, str) else SweetRLTrainer._copy(model)
 
     def train(self) -> dict[str, Any]:
         """Run the round; returns a summary (pair counts, losses) also kept in ``self.history``."""
-        import trl
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM
+        critic = self.train_critic()
+        states, candidates, scores = self.rank_turns(critic)
+        del critic
+        self.train_policy(policy_pairs(states, candidates, scores, self.args.num_pairs, self.args.seed))
+        return self.history
 
-        from hfx.compose import extend
+    def train_critic(self):
+        """Stage 1: the critic on best-vs-worse trajectory pairs; saved to ``output_dir/critic``; returns it."""
+        from datasets import Dataset
 
         from .trajectories import critic_pairs
 
-        args, tokenizer = self.args, self.processing_class
+        args = self.args
         pairs = critic_pairs(self.trajectories, args.min_best_reward)
         if not pairs:
             raise ValueError(f"no critic pairs: no task has an attempt with reward >= min_best_reward "
                              f"({args.min_best_reward}) and a worse attempt; collect more attempts per task or "
                              "lower min_best_reward")
-        critic = SweetCriticTrainer(self._model_copy(), args=args.stage_config("critic"),
-                                    train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+        critic = SweetCriticTrainer(self._copy(self.critic_model), args=args.stage_config("critic"),
+                                    train_dataset=Dataset.from_list(pairs), processing_class=self.processing_class,
                                     peft_config=self.peft_config)
-        critic_out = critic.train()
+        out = critic.train()
         critic.save_model(critic.args.output_dir)
+        self.history.update(critic_pairs=len(pairs), critic_loss=out.training_loss,
+                            critic_losses=[h["loss"] for h in critic.state.log_history if "loss" in h],
+                            critic_dir=str(critic.args.output_dir))
+        return critic.model
 
-        reference = (AutoModelForCausalLM.from_pretrained(self.model) if isinstance(self.model, str)
-                     else self._model_copy())
+    def rank_turns(self, critic, scorer=None):
+        """Stage 2: a ``data_fraction`` of the turn states, ``num_candidates`` sampled next turns each, and their
+        critic scores; returns ``(states, candidates, scores)``. ``scorer(states, candidates) -> scores`` replaces
+        the critic's ranking (e.g. an oracle, to measure how much the ranking limits the policy)."""
+        args, tokenizer = self.args, self.processing_class
+        agent = self._loaded(self.model)
         states = turn_states(self.trajectories, args.data_fraction, args.seed)
-        candidates = sample_candidates(reference, tokenizer, states, args.num_candidates,
-                                       temperature=args.candidate_temperature,
+        candidates = sample_candidates(self.model if args.use_vllm else agent, tokenizer, states,
+                                       args.num_candidates, temperature=args.candidate_temperature,
                                        max_new_tokens=args.candidate_max_new_tokens,
-                                       batch_size=args.generation_batch_size)
-        scores = rank_candidates(critic.model, reference, tokenizer, states, candidates, beta=args.beta,
-                                 hidden_info_template=args.hidden_info_template,
-                                 reference_sees_hidden_info=args.reference_sees_hidden_info,
-                                 batch_size=args.generation_batch_size)
-        turn_pairs = policy_pairs(states, candidates, scores, args.num_pairs, args.seed)
+                                       batch_size=args.generation_batch_size, use_vllm=args.use_vllm,
+                                       vllm_kwargs=args.vllm_kwargs, seed=args.seed)
+        if scorer is not None:
+            scores = scorer(states, candidates)
+        else:
+            # The trained advantage's reference is the critic's frozen start; the official ranking's is the agent.
+            separate = self.critic_model is not self.model and args.reference_sees_hidden_info
+            reference = self._loaded(self.critic_model) if separate else agent
+            scores = rank_candidates(critic, reference, tokenizer, states, candidates, beta=args.beta,
+                                     hidden_info_template=args.hidden_info_template,
+                                     reference_sees_hidden_info=args.reference_sees_hidden_info,
+                                     batch_size=args.generation_batch_size)
+        self.history["turn_states"] = len(states)
+        return states, candidates, scores
+
+    def train_policy(self, turn_pairs: list[dict]):
+        """Stage 3: turn-level DPO (+ NLL on the chosen turn) of the agent on ``turn_pairs`` (from
+        :func:`policy_pairs`); saved to ``output_dir/policy`` and kept as ``self.policy_model``."""
+        import trl
+        from datasets import Dataset
+
+        from hfx.compose import extend
+
         if not turn_pairs:
             raise ValueError("no policy pairs: every state's candidates tied; raise num_candidates or "
                              "candidate_temperature")
-        del critic, reference
-        policy = extend(trl.DPOTrainer)(model=self._model_copy(), args=args.stage_config("policy"),
-                                        train_dataset=Dataset.from_list(turn_pairs), processing_class=tokenizer,
-                                        peft_config=self.peft_config)
-        policy_out = policy.train()
+        policy = extend(trl.DPOTrainer)(model=self._copy(self.model), args=self.args.stage_config("policy"),
+                                        train_dataset=Dataset.from_list(turn_pairs),
+                                        processing_class=self.processing_class, peft_config=self.peft_config)
+        out = policy.train()
         policy.save_model(policy.args.output_dir)
         self.policy_model = policy.model
-        self.history = {"critic_pairs": len(pairs), "turn_states": len(states), "policy_pairs": len(turn_pairs),
-                        "critic_loss": critic_out.training_loss, "policy_loss": policy_out.training_loss,
-                        "critic_dir": str(args.stage_config("critic").output_dir),
-                        "policy_dir": str(policy.args.output_dir)}
-        return self.history
+        self.history.update(policy_pairs=len(turn_pairs), policy_loss=out.training_loss,
+                            policy_losses=[h["loss"] for h in policy.state.log_history if "loss" in h],
+                            policy_dir=str(policy.args.output_dir))
+        return policy.model

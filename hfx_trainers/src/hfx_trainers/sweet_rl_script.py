@@ -17,7 +17,19 @@ from typing import Any
 
 from hfx.compose import extend
 
-__all__ = ["SweetRLScriptArguments", "main", "make_parser"]
+__all__ = ["TOY_RECIPE", "SweetRLScriptArguments", "demo", "main", "make_parser"]
+
+# The toy-scale recipe of examples/sweet_rl.yaml and `hfx demo` (measured in benchmarks/results/sweet_rl.md). The
+# paper's (README): critic lr 2e-7 for 4 epochs, policy lr 2e-7 for 1 epoch, 16 candidates, 1024-token turns.
+TOY_RECIPE = {
+    "critic_learning_rate": 1e-4, "critic_epochs": 2, "policy_learning_rate": 3e-5, "policy_epochs": 1,
+    "beta": 0.1, "data_fraction": 0.1, "num_candidates": 8, "num_pairs": 4, "candidate_max_new_tokens": 8,
+    # NLL on the chosen turn: the paper's 0.01 lets turn-level DPO lower the chosen answers' likelihood on this tiny
+    # model, so even a perfect ranking loses success (benchmarks/results/sweet_rl.md); 1.0 anchors it
+    "nll_coef": 1.0,
+    "per_device_train_batch_size": 16, "max_length": 256, "optim": "adamw_torch", "lr_scheduler_type": "constant",
+    "use_cpu": True, "bf16": False, "report_to": "none", "save_strategy": "no", "logging_steps": 10,
+}
 
 
 @dataclass
@@ -30,6 +42,9 @@ class SweetRLScriptArguments:
     attempts: int = field(default=3, metadata={"help": "Toy task: attempts per task (official k = 3)."})
     collect_temperature: float = field(default=1.0, metadata={"help": "Toy task: sampling temperature."})
     warm_start_steps: int | None = field(default=None, metadata={"help": "Steps of the toy warm start."})
+    critic_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The critic's starting point (same tokenizer as the agent). Default: the agent."}
+    )
 
 
 def make_parser():
@@ -69,7 +84,7 @@ def main(script_args: SweetRLScriptArguments, training_args, model_args) -> dict
                                     hidden_info=lambda t: f"{task.get(t).hidden['answer']}", seed=training_args.seed)
         del agent
     trainer = SweetRLTrainer(model_path, training_args, rows, processing_class=tokenizer,
-                             peft_config=get_peft_config(model_args))
+                             peft_config=get_peft_config(model_args), critic_model=script_args.critic_model_name_or_path)
     summary = {"algorithm": "sweet-rl", **trainer.train()}
     if task is not None:
         summary.update(before=before, after=task.evaluate(trainer.policy_model, tokenizer),
@@ -77,3 +92,21 @@ def main(script_args: SweetRLScriptArguments, training_args, model_args) -> dict
         print(f"hfx sweet-rl: {task.name} eval {task.metric_name} {before:.3f} -> {summary['after']:.3f} "
               f"({summary['critic_pairs']} critic pairs, {summary['policy_pairs']} turn pairs)")
     return summary
+
+
+def demo(ctx) -> dict:
+    """The ``hfx demo`` row (``hfx demo --task collaborator``): one SWEET-RL round with :data:`TOY_RECIPE` from the
+    warm start (3 attempts on every train task); ``ctx.steps`` does not apply (a round is not step-based)."""
+    import math
+
+    from hfx.toy import CollaboratorTask
+
+    if not isinstance(ctx.task, CollaboratorTask):
+        print("hfx demo: sweet-rl needs the multi-turn collaborator task (hfx demo --task collaborator); skipped")
+        return {"metric_after": math.nan}
+    argv = ["--model_name_or_path", str(ctx.model_path), "--output_dir", str(ctx.output_dir), "--seed", str(ctx.seed)]
+    for key, value in TOY_RECIPE.items():
+        argv += [f"--{key}", str(value)]
+    summary = main(*make_parser().parse_args_and_config(argv))
+    return {"metric_before": summary["before"], "metric_after": summary["after"],
+            "losses": summary["critic_losses"] + summary["policy_losses"]}
