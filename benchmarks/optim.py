@@ -33,6 +33,7 @@ LOW_RANK = {"galore2": "rank", "fira": "rank"}
 EXTRA = {"frugal": {"density": 0.25}}
 GAP = {"galore2": "update_proj_gap", "fira": "update_proj_gap", "frugal": "update_gap"}  # subspace refresh period
 LR_GRID = (3e-4, 1e-3, 3e-3)  # the anchor (AdamW) is best inside it on the toy task
+WARMUP_FRACTION = 0.1  # --schedule cosine: linear warm-up then cosine decay to 0 (the papers' pre-training schedule)
 
 
 def hfx_optimizers() -> list[str]:
@@ -168,8 +169,8 @@ def part_refresh(size, rank, repeats) -> list[str]:
             f"Randomized SVD is {ratio:.1f}× faster than exact SVD (target ≥ 5×).", ""]
 
 
-def part_convergence(names, steps, out_png) -> list[str]:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def part_convergence(names, steps, out_png, schedule: str = "constant", lr_grid=LR_GRID, seeds: int = 1) -> list[str]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM, get_cosine_schedule_with_warmup
 
     from hfx.toy import ArithmeticTask, tokenizer
 
@@ -186,32 +187,48 @@ def part_convergence(names, steps, out_png) -> list[str]:
     curves = {}
     for name in ["adamw_foreach", *names]:
         best = None
-        for lr in LR_GRID:
-            torch.manual_seed(0)
-            model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-                                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                                 pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
-            opt = build(name, model, lr, 128, gap=50)
-            gen = torch.Generator().manual_seed(0)
-            losses = []
-            for _ in range(steps):
-                idx = torch.randint(0, train[0].shape[0], (128,), generator=gen)
-                loss = model(input_ids=train[0][idx], attention_mask=train[1][idx], labels=train[2][idx]).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-            with torch.no_grad():
-                eval_loss = model(input_ids=evals[0], attention_mask=evals[1], labels=evals[2]).loss.item()
-            print(f"convergence {name} lr={lr}: eval loss {eval_loss:.4f}", flush=True)
+        for lr in lr_grid:
+            per_seed = []
+            for seed in range(seeds):  # the seed sets the initial weights and the batch order
+                torch.manual_seed(seed)
+                model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                                     pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+                opt = build(name, model, lr, 128, gap=50)
+                lr_schedule = (get_cosine_schedule_with_warmup(opt, int(WARMUP_FRACTION * steps), steps)
+                               if schedule == "cosine" else None)
+                gen = torch.Generator().manual_seed(seed)
+                losses = []
+                for _ in range(steps):
+                    idx = torch.randint(0, train[0].shape[0], (128,), generator=gen)
+                    loss = model(input_ids=train[0][idx], attention_mask=train[1][idx], labels=train[2][idx]).loss
+                    loss.backward()
+                    opt.step()
+                    if lr_schedule is not None:
+                        lr_schedule.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(loss.item())
+                with torch.no_grad():
+                    per_seed.append(model(input_ids=evals[0], attention_mask=evals[1], labels=evals[2]).loss.item())
+                print(f"convergence {name} lr={lr} seed={seed}: eval loss {per_seed[-1]:.4f}", flush=True)
+                if seed == 0:
+                    curve = losses
+            eval_loss = sum(per_seed) / seeds
             if best is None or eval_loss < best[0]:
-                best = (eval_loss, lr, losses)
+                best = (eval_loss, lr, curve, per_seed)
         curves[name] = best
     anchor = curves["adamw_foreach"][0]
-    rows = [f"| {n} | {lr:g} | {loss:.4f} | {loss / anchor:.3f} |" for n, (loss, lr, _) in curves.items()]
-    save_curves(curves, out_png)
-    return [f"## Convergence (toy arithmetic, tiny Qwen2 0.45M, batch 128, {steps} steps, best of an lr grid of 3)", "",
-            "| optimizer | best lr | final eval loss | ÷ AdamW |", "|---|---|---|---|", *rows, "",
+    anchor_seeds = curves["adamw_foreach"][3]
+    rows = [f"| {n} | {lr:g} | {loss:.4f} | {loss / anchor:.3f} |"
+            + (f" {', '.join(f'{x / a:.3f}' for x, a in zip(per_seed, anchor_seeds))} |" if seeds > 1 else "")
+            for n, (loss, lr, _, per_seed) in curves.items()]
+    save_curves({n: c[:3] for n, c in curves.items()}, out_png)
+    how = f"{WARMUP_FRACTION:.0%} warm-up then cosine decay" if schedule == "cosine" else "constant lr"
+    grid = f"best of an lr grid of {len(lr_grid)}" if len(lr_grid) > 1 else f"lr {lr_grid[0]:g}"
+    seeded = f", mean of {seeds} seeds (curves: seed 0)" if seeds > 1 else ""
+    return [f"## Convergence (toy arithmetic, tiny Qwen2 0.45M, batch 128, {steps} steps, {how}, {grid}{seeded})", "",
+            "| optimizer | best lr | final eval loss | ÷ AdamW |" + (" ÷ AdamW per seed |" if seeds > 1 else ""),
+            "|---|---|---|---|" + ("---|" if seeds > 1 else ""), *rows, "",
             f"Loss curves: `{out_png.name}`.", ""]
 
 
@@ -238,16 +255,25 @@ def main() -> None:
     parser.add_argument("--parts", default="state,eco-memory,step,refresh,convergence")
     parser.add_argument("--optimizers", default=None, help="comma-separated (default: every registered one)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                        help="convergence lr schedule, the same for every optimizer")
+    parser.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)), help="convergence learning rates")
+    parser.add_argument("--seeds", type=int, default=1, help="convergence: seeds per cell (the mean is compared)")
     parser.add_argument("--out", default=str(RESULTS / "optim.md"))
     args = parser.parse_args()
     names = args.optimizers.split(",") if args.optimizers else hfx_optimizers()
     parts = args.parts.split(",")
     hidden, layers = (128, 2) if args.quick else (640, 8)
     torch.set_num_threads(os.cpu_count() or 1)
+    out_arg = f" --out {args.out}" if args.out != str(RESULTS / "optim.md") else ""
+    args_optimizers = f" --optimizers {args.optimizers}" if args.optimizers else ""
     lines = ["# hfx-optim benchmarks", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"Python {platform.python_version()}. Command: `python benchmarks/optim.py "
-             f"--parts {args.parts}{' --quick' if args.quick else ''}`. Ratios are against AdamW measured in the "
+             f"--parts {args.parts}{' --quick' if args.quick else ''}"
+             f"{f' --schedule {args.schedule}' if args.schedule != 'constant' else ''}"
+             f"{f' --lr-grid {args.lr_grid}' if args.lr_grid != ','.join(map(str, LR_GRID)) else ''}"
+             f"{f' --seeds {args.seeds}' if args.seeds > 1 else ''}{args_optimizers}{out_arg}`. Ratios are against AdamW measured in the "
              f"same run.", ""]
     if "state" in parts:
         lines += part_state(names, hidden, layers)
@@ -258,7 +284,8 @@ def main() -> None:
     if "refresh" in parts:
         lines += part_refresh(256 if args.quick else 2048, 16 if args.quick else 128, 2 if args.quick else 5)
     if "convergence" in parts:
-        lines += part_convergence(names, 20 if args.quick else 300, Path(args.out).with_name("optim_convergence.png"))
+        lines += part_convergence(names, 20 if args.quick else 300, Path(args.out).with_suffix(".png"), args.schedule,
+                                  tuple(float(x) for x in args.lr_grid.split(",")), args.seeds)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
