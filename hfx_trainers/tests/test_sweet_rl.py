@@ -1,4 +1,4 @@
-"""SWEET-RL critic stage: conformance (full and LoRA), the loss against sweet_critic_loss on plain-forward
+"""SWEET-RL: conformance of both stages (critic and policy, full and LoRA; floor row too), the loss against sweet_critic_loss on plain-forward
 log-probs of the policy and the frozen reference with turns from the chat template, config and data errors."""
 
 from __future__ import annotations
@@ -40,6 +40,29 @@ class TestSweetCriticConformance(TrainerConformance):
     def make_trainer(self, model_path, output_dir, peft_config=None):
         return SweetCriticTrainer(model=str(model_path), args=critic_args(output_dir), train_dataset=pairs(),
                                   peft_config=peft_config)
+
+
+def turn_pairs(n: int = 8) -> Dataset:
+    """Policy-stage rows as policy_pairs makes them: the history as the prompt, one candidate turn each side."""
+    return Dataset.from_list([{"prompt": dialogue("y?", "")[:3], "chosen": [{"role": "assistant", "content": str(11 + i)}],
+                               "rejected": [{"role": "assistant", "content": str(12 + i)}]} for i in range(n)])
+
+
+@pytest.mark.floor
+class TestSweetPolicyConformance(TrainerConformance):
+    """The policy stage: TRL's DPOTrainer (hfx-extended) with SweetPolicyConfig's DPO + NLL loss on turn pairs."""
+
+    supports_peft = True
+
+    def make_trainer(self, model_path, output_dir, peft_config=None):
+        from trl import DPOTrainer
+
+        import hfx
+        from hfx_trainers.sweet_rl import SweetPolicyConfig
+
+        args = fast_training_args(SweetPolicyConfig, output_dir, max_length=256)
+        return hfx.extend(DPOTrainer)(model=str(model_path), args=args, train_dataset=turn_pairs(),
+                                      peft_config=peft_config)
 
 
 def plain_token_logps(model, ids: list[int]) -> torch.Tensor:

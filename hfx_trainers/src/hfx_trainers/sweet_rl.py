@@ -615,7 +615,7 @@ class SweetRLTrainer:
             scores = scorer(states, candidates)
         else:
             # The trained advantage's reference is the critic's frozen start; the official ranking's is the agent.
-            separate = self.critic_model is not self.model and args.reference_sees_hidden_info
+            separate = self.critic_model != self.model and args.reference_sees_hidden_info  # a path or a module
             reference = self._loaded(self.critic_model) if separate else agent
             scores = rank_candidates(critic, reference, tokenizer, states, candidates, beta=args.beta,
                                      hidden_info_template=args.hidden_info_template,
