@@ -541,7 +541,8 @@ def check_plain_state(state_dict: Mapping[str, Any]) -> None:
 
 def finish_distributed() -> None:
     """End a multi-process test script: wait for every rank, destroy the process group, then leave with
-    ``os._exit(0)``. Call it last; write results to files before it.
+    ``os._exit(0)``. Call it last; write results to files before it (``atexit`` handlers, e.g.
+    :func:`shared_tiny_model_dir`'s cleanup, do not run).
 
     Skipping interpreter teardown matters: even after ``destroy_process_group`` a rank's C++ static destructors can
     race the threads gloo and DDP started and abort ("terminate called without an active exception", SIGABRT), which
