@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from hfx_attention._core import cache_bytes
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -49,12 +51,6 @@ def small_llama(device):
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
 
 
-def kv_bytes(cache) -> int:
-    """Bytes of the keys and values a cache holds (every layer)."""
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers if getattr(layer, "keys", None) is not None)
-
-
 class Probe(transformers.StoppingCriteria):
     """Called once per generated token: records step times and, at the checkpoints, the cache's bytes."""
 
@@ -68,8 +64,8 @@ class Probe(transformers.StoppingCriteria):
         n = len(self.times)
         if n in self.checkpoints:
             span = self.times[-1] - self.times[-1 - min(self.window, n - 1)]
-            total = self.cache.nbytes() if hasattr(self.cache, "nbytes") else kv_bytes(self.cache)
-            self.rows[n] = (kv_bytes(self.cache), total, min(self.window, n - 1) / span)
+            self.rows[n] = (cache_bytes(self.cache, ("keys", "values")), cache_bytes(self.cache),
+                            min(self.window, n - 1) / span)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -138,7 +134,6 @@ def tpa_cache_section(args) -> list[str]:
     distance of the logits from the GQA model (0 = the same model: equal quality by construction)."""
     import hfx
     from hfx._compat import output_cache
-    from hfx_attention._core import cache_bytes
     from hfx_attention.tpa import factor_cache_numbers
 
     tokens = 512 if args.quick else 2048

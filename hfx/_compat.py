@@ -73,3 +73,19 @@ def cache_argument() -> str:
 def output_cache(outputs):
     """The cache a model returned (``outputs.cache`` from 5.24, ``outputs.past_key_values`` before)."""
     return getattr(outputs, cache_argument())
+
+
+def passed_cache(kwargs):
+    """The cache object a ``forward``/``generate``/attention-module call was given (``kwargs``: its arguments by
+    name): under ``cache`` (5.24 on) or ``past_key_values`` (before 5.24, a deprecated alias from 5.24); None when
+    neither is set."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def mask_query_length(query) -> int:
+    """The query length from the argument of a cache layer's ``get_mask_sizes``: the length itself (transformers
+    >= 5.4) or ``cache_position``, one entry per new token (<= 5.3)."""
+    return query if isinstance(query, int) else int(query.shape[0])

@@ -41,9 +41,9 @@ def apply(model, name: str, **opts):
 
 def from_pretrained(path, model_class=None, **kwargs):
     """Load a model saved after :func:`apply` (e.g. by a trainer with ``hfx_attention=``): the base architecture,
-    then the recorded modules applied again in order with their options (``config.hfx_attention``), then every
-    saved weight, the modules' own included. ``kwargs`` go to ``model_class.from_pretrained``
-    (default ``AutoModelForCausalLM``).
+    then the recorded modules applied again in order with their options (``config.hfx_attention``), then the saved
+    weights the base model could not take (the modules' own). Every weight is read once. ``kwargs`` go to
+    ``model_class.from_pretrained`` (default ``AutoModelForCausalLM``).
 
         >>> model = hfx.attention.from_pretrained("outputs/grape-run")    # doctest: +SKIP
     """
@@ -62,30 +62,50 @@ def from_pretrained(path, model_class=None, **kwargs):
     if not recorded:
         return model
     delattr(model.config, CONFIG_KEY)
+    base = model.state_dict(keep_vars=True)  # what from_pretrained filled, by name
     for entry in recorded:
         apply(model, entry["name"], **entry["options"])
-    state = _saved_state_dict(path)
-    result = model.load_state_dict(state, strict=False)
-    tied = {k for k in result.missing_keys if _is_tied(model, k)}
-    if result.unexpected_keys or set(result.missing_keys) - tied:
+    current, saved = model.state_dict(keep_vars=True), _saved_files(path)
+    missing = {k for k in current.keys() - saved.keys() if not _is_tied(model, k)}
+    unexpected = saved.keys() - current.keys()
+    if missing or unexpected:
         raise ValueError(f"{path}: the saved weights do not fit the model rebuilt with {recorded}: missing "
-                         f"{sorted(set(result.missing_keys) - tied)}, unexpected {sorted(result.unexpected_keys)}")
+                         f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+    model.load_state_dict(_read_weights(path, saved, _not_loaded(base, current, saved)), strict=False)
     return model
 
 
-def _saved_state_dict(path) -> dict:
+def _not_loaded(base: dict, current: dict, saved) -> list[str]:
+    """The saved weights ``from_pretrained`` did not put in place: names the base model lacked, or whose tensor a
+    module replaced (``base``/``current``: state dicts with ``keep_vars=True`` before and after the modules)."""
+    return sorted(k for k in saved if current[k] is not base.get(k))
+
+
+def _saved_files(path) -> dict[str, str]:
+    """Weight name -> the safetensors file (in ``path``) holding it."""
     import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-        ["model.safetensors"]
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return dict.fromkeys(f.keys(), "model.safetensors")
+
+
+def _read_weights(path, files: dict[str, str], names) -> dict:
+    """The tensors ``names`` from the safetensors files of ``path`` (``files``: name -> file), read one by one."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
     state = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
+    for file in sorted({files[name] for name in names}):
+        with safe_open(str(Path(path) / file), framework="pt") as f:
+            state.update({name: f.get_tensor(name) for name in names if files[name] == file})
     return state
 
 

@@ -146,17 +146,32 @@ def attn_implementation_name(name: str) -> str:
     return name if name.startswith("hfx_") else f"hfx_{name}"
 
 
-def register_attention(name: str) -> str:
-    """Register a plain attention contribution (function + mask) with transformers and return its key."""
+def register_function(key: str, function, mask="sdpa") -> str:
+    """Register ``function`` in transformers' ``AttentionInterface`` and a mask function in ``AttentionMaskInterface``
+    under ``key`` (without the mask registration transformers builds no mask and padding is silently ignored);
+    returns ``key``. ``mask`` is a mask function or the name of a built-in one (``"sdpa"``: boolean, True = attend)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    contribution = get_registry().get("attention", name)
-    key = attn_implementation_name(name)
-    mask = contribution.load("mask") if "mask" in contribution.extras else ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-    AttentionInterface.register(key, contribution.load())
-    AttentionMaskInterface.register(key, mask)  # without a mask transformers silently ignores padding
+    AttentionInterface.register(key, function)
+    AttentionMaskInterface.register(key, ALL_MASK_ATTENTION_FUNCTIONS[mask] if isinstance(mask, str) else mask)
     return key
+
+
+def register_attention(name: str) -> str:
+    """Register a plain attention contribution (function + mask) with transformers and return its key."""
+    contribution = get_registry().get("attention", name)
+    mask = contribution.load("mask") if "mask" in contribution.extras else "sdpa"
+    return register_function(attn_implementation_name(name), contribution.load(), mask)
+
+
+def set_attention(model, key: str) -> None:
+    """Select the registered attention ``key`` on ``model``, reversibly (``hfx.attention.revert``)."""
+    from .attention import on_revert
+
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(key)
+    on_revert(model, lambda: model.set_attn_implementation(previous))
 
 
 def apply_attention(model, name: str, **opts):
@@ -167,11 +182,7 @@ def apply_attention(model, name: str, **opts):
         return contribution.load("apply")(model, **opts)
     if opts:
         raise ValueError(f"attention {name!r} is a plain attention function and takes no options; got {sorted(opts)}")
-    from .attention import on_revert
-
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(register_attention(name))
-    on_revert(model, lambda: model.set_attn_implementation(previous))
+    set_attention(model, register_attention(name))
     return model
 
 

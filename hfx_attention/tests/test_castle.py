@@ -23,7 +23,14 @@ from hfx.testing import (
     tiny_model,
     tiny_tokenizer,
 )
-from hfx_attention.castle import CastleCache, HfxCastleAttention, castle_logits, lookahead_scores
+from hfx_attention.castle import (
+    CastleCache,
+    HfxCastleAttention,
+    Lookahead,
+    castle_attention,
+    castle_logits,
+    lookahead_scores,
+)
 
 pytestmark = pytest.mark.floor
 
@@ -119,6 +126,36 @@ def test_zero_vu_graft_equals_the_base_model_and_reverts(family):
     hfx.attention.revert(model)
     assert model.config._attn_implementation == "sdpa" and not isinstance(model.model.layers[0].self_attn,
                                                                            HfxCastleAttention)
+
+
+def test_bf16_softmax_runs_in_float32_like_eager_attention():
+    """In bf16 with the lookahead term at zero, CASTLE's attention is transformers' eager attention to the bit, forward
+    and backward: logits in the model's dtype, the softmax in float32 (so its backward too), probabilities cast back
+    before the values."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, length, dim = 2, 4, 2, 33, 16
+    query = torch.randn(b, heads, length, dim, generator=g).to(torch.bfloat16)
+    key, value, q_u, k_u = (torch.randn(b, kv_heads, length, dim, generator=g).to(torch.bfloat16) for _ in range(4))
+    weight = torch.randn(b, length, heads, dim, generator=g).to(torch.bfloat16)
+    zeros = torch.zeros_like(key)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = heads // kv_heads
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = torch.zeros(b, 1, length, length, dtype=torch.bfloat16).masked_fill(~causal, torch.finfo(torch.bfloat16).min)
+
+    def run(attention, **kwargs):
+        q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+        out, _ = attention(module, q, k, v, mask, scaling=dim**-0.5, **kwargs)
+        (out * weight).sum().backward()
+        return out, q.grad, k.grad, v.grad
+
+    want = run(eager_attention_forward)
+    got = run(castle_attention, lookahead=Lookahead(q_u, k_u, zeros, zeros))
+    assert got[0].dtype == torch.bfloat16
+    for name, g_, w_ in zip(("output", "query grad", "key grad", "value grad"), got, want, strict=True):
+        torch.testing.assert_close(g_, w_, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_zero_vu_graft_generates_identically():

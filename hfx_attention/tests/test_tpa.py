@@ -117,16 +117,18 @@ def random_tpa(family="llama", dtype=torch.float64, **opts):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_decode_from_factor_cache_equals_full_prefill(family, monkeypatch):
+    import hfx_attention.tpa as tpa
     import hfx_kernels.tpa_decode as kernel
 
     calls = []
     real = kernel.tpa_decode
+    assert tpa.tpa_decode is real  # the attention function calls the kernel's entry point
 
     def counting(q, a_k, b_k, a_v, b_v, *args, **kwargs):
         calls.append((q.shape, a_k.shape))
         return real(q, a_k, b_k, a_v, b_v, *args, **kwargs)
 
-    monkeypatch.setattr(kernel, "tpa_decode", counting)
+    monkeypatch.setattr(tpa, "tpa_decode", counting)
     model = random_tpa(family, k_rank=2, v_rank=3)
     tokens = ids(length=9)
     with torch.no_grad():

@@ -118,3 +118,58 @@ def test_bad_input():
         K.tpa_decode(q, torch.zeros(1, 5, 3, 2), b, a, b)
     with pytest.raises(ValueError, match="b_v"):
         K.tpa_decode(q, a, b, a, torch.zeros(1, 5, 2, 4))
+
+
+
+def packed_views(b, h, tk, d, rk, rv, dtype, device, seed=5):
+    """The factors as hfx_attention.tpa caches them: one packed (B, 1, Tk, R·d + H·R) tensor per side, unpacked into
+    strided views (b first, then a, on the last axis: ``tpa.unpack_factors``' slicing), none of them contiguous."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    views = []
+    for rank in (rk, rv):
+        packed = torch.randn(b, 1, tk, rank * d + h * rank, generator=g, device=device).to(dtype)
+        fb, fa = packed[:, 0].split((rank * d, h * rank), dim=-1)
+        views += [fa.unflatten(-1, (h, rank)), fb.unflatten(-1, (rank, d))]
+    return tuple(views)
+
+
+class LaunchRecorder:
+    """Stands in for the Triton kernel: records the arguments of each launch, then runs the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(args)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_views_of_the_packed_cache_are_read_in_place(dtype, monkeypatch):
+    """The kernel gets the cache's own memory (no copy of the factor cache per step) and matches the reference on the
+    strided views, for decode and a padded chunk; a stride-0 (broadcast over tokens) head factor too."""
+    ok, why = triton_runnable()
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setenv("HFX_KERNELS", "triton")
+    recorder = LaunchRecorder(K._tpa_decode_kernel)
+    monkeypatch.setattr(K, "_tpa_decode_kernel", recorder)
+    dev = kernel_device()
+    b, h, tk, d, rk, rv = 2, 3, 37, 16, 2, 3
+    a_k, b_k, a_v, b_v = packed_views(b, h, tk, d, rk, rv, dtype, dev)
+    assert not any(t.is_contiguous() for t in (a_k, b_k, a_v, b_v))
+    broadcast = a_v[:, :1].expand(b, tk, h, rv)  # a constant head factor: stride 0 over tokens
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    for tq, factors in ((1, (a_k, b_k, a_v, b_v)), (3, (a_k, b_k, a_v, b_v)), (1, (a_k, b_k, broadcast, b_v))):
+        q = torch.randn(b, h, tq, d, device=dev).to(dtype)
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=dev).tril(tk - tq).expand(b, 1, tq, tk).clone()
+        mask[-1, :, :, :4] = False
+        got = K.tpa_decode(q, *factors, mask)
+        passed = recorder.launches[-1][1:5]
+        assert [t.data_ptr() for t in passed] == [t.data_ptr() for t in factors]
+        assert [t.stride() for t in passed] == [t.stride() for t in factors]
+        want = K.tpa_decode_reference(q, *(t.contiguous() for t in factors), mask)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

@@ -6,12 +6,17 @@ Version differences stay in ``hfx._compat``; everything here works on transforme
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor, nn
 
+from hfx import compose
 from hfx.attention import on_revert
+
+# One implementation each, in hfx.compose (plain attention contributions use them too):
+register = compose.register_function  # register(key, function, mask="sdpa"): function *and* mask, returns key
+set_attention = compose.set_attention  # set_attention(model, key): select the registered key, reversibly
 
 # model_type -> what the decoder looks like; all four keep `model.model.layers[i].self_attn` and a shared
 # `model.model.rotary_emb`, call the attention function with `position_ids` in kwargs and take (cos, sin) rotary.
@@ -41,25 +46,6 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in decoder(model).layers]
 
 
-def register(key: str, function: Callable, mask: Callable | str = "sdpa") -> str:
-    """Register ``function`` in transformers' ``AttentionInterface`` and a mask function in ``AttentionMaskInterface``
-    under ``key`` (without the mask registration transformers builds no mask and padding is silently ignored).
-    ``mask`` is a mask function or the name of a built-in one (``"sdpa"``: boolean, True = attend)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(key, function)
-    AttentionMaskInterface.register(key, ALL_MASK_ATTENTION_FUNCTIONS[mask] if isinstance(mask, str) else mask)
-    return key
-
-
-def set_attention(model: nn.Module, key: str) -> None:
-    """Select the registered attention ``key`` on ``model``, reversibly (``hfx.attention.revert``)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(key)
-    on_revert(model, lambda: model.set_attn_implementation(previous))
-
-
 def replace_attention_modules(model: nn.Module, build: Callable[[nn.Module], nn.Module]) -> list[nn.Module]:
     """Replace every layer's ``self_attn`` by ``build(old)``, reversibly; returns the new modules."""
     new_modules = []
@@ -73,8 +59,10 @@ def replace_attention_modules(model: nn.Module, build: Callable[[nn.Module], nn.
 
 
 def set_module_attribute(model: nn.Module, module: nn.Module, name: str, value) -> None:
-    """``object.__setattr__(module, name, value)`` (not registered as a submodule or parameter), reversibly."""
-    had, old = hasattr(module, name), getattr(module, name, None)
+    """``object.__setattr__(module, name, value)`` (not registered as a submodule or parameter), reversibly: revert
+    restores the instance's own previous value or removes the attribute, so a class attribute, method or submodule of
+    that name shows through again."""
+    had, old = name in module.__dict__, module.__dict__.get(name)
     object.__setattr__(module, name, value)
     on_revert(model, lambda: object.__setattr__(module, name, old) if had else object.__delattr__(module, name))
 
@@ -113,11 +101,12 @@ def check_attention_kwargs(method: str, kwargs: dict) -> None:
                              "sink logits); use it on a supported model type: " + ", ".join(SUPPORTED_MODEL_TYPES))
 
 
-def cache_bytes(cache) -> int:
-    """Bytes of every tensor a cache's layers hold: keys and values, plus what a policy keeps beside them (slot
-    positions, scores, CASTLE's lookahead state, TPA's packed factors); 0 for layers not filled yet.
+def cache_bytes(cache, names: Collection[str] | None = None) -> int:
+    """Bytes of the tensors a cache's layers hold: every one (keys and values, plus what a policy keeps beside them:
+    slot positions, scores, CASTLE's lookahead state, TPA's packed factors), or only the attributes in ``names``
+    (``("keys", "values")``: the part a dense cache also holds); 0 for layers not filled yet.
 
     >>> cache_bytes(model(ids, use_cache=True).past_key_values)  # doctest: +SKIP
     """
-    return sum(value.numel() * value.element_size() for layer in cache.layers for value in vars(layer).values()
-               if isinstance(value, Tensor))
+    return sum(value.numel() * value.element_size() for layer in cache.layers for name, value in vars(layer).items()
+               if isinstance(value, Tensor) and (names is None or name in names))

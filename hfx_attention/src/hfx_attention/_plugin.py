@@ -19,20 +19,20 @@ PAPERS = {
 }
 
 
-# name -> (attention function registered as "hfx_<name>", mask function (None: the SDPA mask), hfx demo row or None,
-# description); each module also has `apply(model, **opts)`.
+# name -> (attention function registered as "hfx_<name>" with the SDPA mask, hfx demo row or not, description); each
+# module also has `apply(model, **opts)`.
 METHODS = {
-    "sinks": ("sinks_attention", None, False, "StreamingLLM attention sinks: a sink + window KV cache with optional "
+    "sinks": ("sinks_attention", False, "StreamingLLM attention sinks: a sink + window KV cache with optional "
               "position re-indexing (num_sink_tokens=4, window=1020, positions='cache')"),
-    "h2o": ("h2o_attention", None, False, "H2O heavy-hitter KV-cache eviction by accumulated attention mass "
+    "h2o": ("h2o_attention", False, "H2O heavy-hitter KV-cache eviction by accumulated attention mass "
             "(heavy=512, recent=512, positions='original')"),
-    "grape": ("grape_attention", None, True, "GRAPE position encodings as exact grafts: RoPE, PI, learned/contextual "
+    "grape": ("grape_attention", True, "GRAPE position encodings as exact grafts: RoPE, PI, learned/contextual "
               "frequencies (GRAPE-M); ALiBi, FoX, key-gated biases (GRAPE-A)"),
-    "tpa": ("tpa_attention", None, True, "Tensor Product Attention: contextual rank-R factors of Q/K/V, factor KV "
+    "tpa": ("tpa_attention", True, "Tensor Product Attention: contextual rank-R factors of Q/K/V, factor KV "
             "cache (init='random' | exact 'gqa' conversion | lossy 'svd')"),
-    "castle": ("castle_attention", None, True, "CASTLE lookahead keys grafted onto the attention (exact at init: "
+    "castle": ("castle_attention", True, "CASTLE lookahead keys grafted onto the attention (exact at init: "
                "W_vU = 0), parallel O(T^2 d) form and recurrent CastleLayer cache"),
-    "softplus": ("softplus_attention_forward", None, True, "Softplus attention with length scaling (LSSA) and "
+    "softplus": ("softplus_attention_forward", True, "Softplus attention with length scaling (LSSA) and "
                  "re-weighting (LSSAR); needs (re)training of softmax-pretrained models"),
 }
 
@@ -40,8 +40,8 @@ METHODS = {
 @hookimpl
 def hfx_register(registry):
     registry.options("attention", {})
-    for name, (function, mask, demo, description) in METHODS.items():
+    for name, (function, demo, description) in METHODS.items():
         module = f"hfx_attention.{name}"
-        registry.attention(name, f"{module}:{function}", mask=mask, apply=f"{module}:apply",
+        registry.attention(name, f"{module}:{function}", apply=f"{module}:apply",
                            demo=f"hfx_attention.demo:{name}" if demo else None, description=description,
                            paper=PAPERS[name], requires=REQUIRES)

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from hfx._compat import cache_argument
-from hfx.attention import applied, on_revert
+from hfx._compat import cache_argument, mask_query_length, passed_cache
+from hfx.attention import applied
 
 from ._core import (
     attention_modules,
@@ -211,9 +211,8 @@ class PolicyLayer(DynamicLayer):
         self.values = self.values.gather(2, kv_idx.expand(b, h, count, self.values.shape[-1]))
 
     def get_mask_sizes(self, query) -> tuple[int, int]:
-        """(kv length after the coming update, kv offset). ``query`` is the query length (transformers >= 5.4) or
-        ``cache_position`` (<= 5.3)."""
-        q_len = query if isinstance(query, int) else int(query.shape[0])
+        """(kv length after the coming update, kv offset); ``query``: see :func:`hfx._compat.mask_query_length`."""
+        q_len = mask_query_length(query)
         kept = self.kept_before(q_len)
         return kept + q_len, self.cumulative - kept
 
@@ -265,18 +264,6 @@ class PolicyLayer(DynamicLayer):
         """Add this step's softmax mass per key (B, H_kv, N) to the scores of the slots just returned."""
         self.scores += mass.to(self.scores.dtype)
 
-    def nbytes(self) -> int:
-        """Bytes held by this layer: keys and values plus the per-slot metadata."""
-        if not self.is_initialized:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.valid, self.scores))
-
-    def kv_nbytes(self) -> int:
-        """Bytes of keys and values only (comparable to a dense cache's)."""
-        if not self.is_initialized:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-
 
 class PolicyCache(Cache):
     """A ``Cache`` of :class:`PolicyLayer`\\ s built for one model patched by :func:`install`. Its ``update`` points
@@ -308,12 +295,6 @@ class PolicyCache(Cache):
         valid = None if attention_mask is None else attention_mask[:, -q_len:].bool()
         for layer in self.layers:
             layer.incoming_valid = valid
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def kv_nbytes(self) -> int:
-        return sum(layer.kv_nbytes() for layer in self.layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,20 +405,6 @@ def _refuse_compiled(model: nn.Module, method: str) -> None:
                          "the model before (and instead of) torch.compile")
 
 
-def _cache_in(kwargs: dict):
-    for name in ("cache", "past_key_values"):
-        if kwargs.get(name) is not None:
-            return name, kwargs[name]
-    return None, None
-
-
-def patch_instance_method(model: nn.Module, name: str, function: Callable) -> None:
-    """Shadow the class's method ``name`` on this instance only, reversibly (revert removes the shadow)."""
-    had, old = name in model.__dict__, model.__dict__.get(name)
-    object.__setattr__(model, name, function)
-    on_revert(model, lambda: object.__setattr__(model, name, old) if had else object.__delattr__(model, name))
-
-
 def install(model: nn.Module, method: str, key: str, build_cache: Callable[[], PolicyCache]) -> nn.Module:
     """Prepare ``model`` for a policy cache, reversibly: rotary bypass, the attention function ``key``, a handle
     attribute on every attention module, and per-instance ``forward``/``generate`` that build ``build_cache()``
@@ -452,7 +419,6 @@ def install(model: nn.Module, method: str, key: str, build_cache: Callable[[], P
     for module in attention_modules(model):
         set_module_attribute(model, module, _HANDLE, None)
     set_attention(model, key)
-    cache_type = PolicyCache
 
     forward = model.forward
     signature = inspect.signature(forward)
@@ -463,7 +429,7 @@ def install(model: nn.Module, method: str, key: str, build_cache: Callable[[], P
         _refuse_compiled(model, method)
         bound = dict(signature.bind_partial(*args, **kwargs).arguments)
         bound.update(bound.pop(var_kw, None) or {})
-        cache = _cache_in(bound)[1]
+        cache = passed_cache(bound)
         if cache is None:
             use_cache = bound.get("use_cache")
             if use_cache is None:
@@ -472,7 +438,7 @@ def install(model: nn.Module, method: str, key: str, build_cache: Callable[[], P
                 cache = build_cache()
                 kwargs["past_key_values" if "past_key_values" in kwargs else cache_argument()] = cache
         if cache is not None:
-            if not isinstance(cache, cache_type):
+            if not isinstance(cache, PolicyCache):
                 raise TypeError(f"hfx {method} needs its own cache (hfx_attention.{method}), got "
                                 f"{type(cache).__name__}; pass no cache and one is built")
             ids = bound.get("input_ids")
@@ -490,11 +456,11 @@ def install(model: nn.Module, method: str, key: str, build_cache: Callable[[], P
         if implementation is not None:
             raise ValueError(f"hfx {method} brings its own cache; cache_implementation={implementation!r} "
                              "(static/quantized/offloaded caches) cannot be combined with it")
-        if _cache_in(kwargs)[1] is None and kwargs.get("use_cache", True) is not False:
+        if passed_cache(kwargs) is None and kwargs.get("use_cache", True) is not False:
             kwargs[cache_argument()] = build_cache()
         return generate(*args, **kwargs)
 
-    patch_instance_method(model, "forward", hfx_forward)
-    patch_instance_method(model, "generate", hfx_generate)
-    set_module_attribute(model, model, "hfx_build_cache", build_cache)
+    # shadow the class's methods on this instance only (revert removes the shadows)
+    set_module_attribute(model, model, "forward", hfx_forward)
+    set_module_attribute(model, model, "generate", hfx_generate)
     return model

@@ -41,6 +41,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from hfx._compat import passed_cache
 
 from ._core import (
     attention_modules,
@@ -132,9 +135,11 @@ def castle_attention(module, query, key, value, attention_mask, *, scaling=None,
                                               lookahead.state, scale=scaling, valid=valid,
                                               block_size=lookahead.block_size)
     logits = castle_logits(query, key, s_u, scaling).masked_fill(~keep, float("-inf"))
-    probs = logits.softmax(-1).nan_to_num(0.0)  # rows with nothing visible (padding) give 0, not NaN
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    out = probs.to(value.dtype) @ repeat_kv(value, query.shape[1] // value.shape[1])
+    # softmax in float32 at least (as transformers' eager attention), back in the model's dtype for the values;
+    # rows with nothing visible (padding) give 0, not NaN
+    probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).nan_to_num(0.0)
+    probs = F.dropout(probs.to(value.dtype), p=dropout, training=dropout > 0)
+    out = probs @ repeat_kv(value, query.shape[1] // value.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -143,111 +148,81 @@ def castle_attention(module, query, key, value, attention_mask, *, scaling=None,
 # --------------------------------------------------------------------------------------------------
 
 
-def _dynamic_layer():
-    from transformers.cache_utils import DynamicLayer
+class CastleLayer(DynamicLayer):
+    """A cache layer for CASTLE: ``keys``/``values`` = k^C/v^C (so lengths and masks work as for any dynamic
+    layer), plus ``lookahead_queries`` (q^U) and ``lookahead_keys`` (U), which change at every step."""
 
-    return DynamicLayer
+    is_croppable = False
 
+    def __init__(self):
+        super().__init__()
+        self.lookahead_queries = self.lookahead_keys = None
 
-def _castle_layer_class():
-    DynamicLayer = _dynamic_layer()
+    def extend(self, keys: Tensor, values: Tensor, queries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Append k^C, v^C, q^U of new tokens; returns all k^C, v^C, q^U and U with zeros at the new positions."""
+        fresh = keys.new_zeros(queries.shape)
+        if self.keys is None or self.keys.numel() == 0:
+            self.keys, self.values, self.lookahead_queries, self.lookahead_keys = keys, values, queries, fresh
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        else:
+            self.keys = torch.cat((self.keys, keys), dim=-2)
+            self.values = torch.cat((self.values, values), dim=-2)
+            self.lookahead_queries = torch.cat((self.lookahead_queries, queries), dim=-2)
+            self.lookahead_keys = torch.cat((self.lookahead_keys, fresh), dim=-2)
+        return self.keys, self.values, self.lookahead_queries, self.lookahead_keys
 
-    class CastleLayer(DynamicLayer):
-        """A cache layer for CASTLE: ``keys``/``values`` = k^C/v^C (so lengths and masks work as for any dynamic
-        layer), plus ``lookahead_queries`` (q^U) and ``lookahead_keys`` (U), which change at every step."""
+    def update(self, *args, **kwargs):
+        raise RuntimeError("CastleLayer is filled by the CASTLE attention module (extend), not by cache.update; "
+                           "this layer sits in a model that is not (or no longer) CASTLE")
 
-        is_croppable = False
+    def _map(self, fn) -> None:
+        if self.keys is not None and self.keys.numel():
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            self.lookahead_queries, self.lookahead_keys = fn(self.lookahead_queries), fn(self.lookahead_keys)
 
-        def __init__(self):
-            super().__init__()
-            self.lookahead_queries = self.lookahead_keys = None
+    def reorder_cache(self, beam_idx) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-        def extend(self, keys: Tensor, values: Tensor, queries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            """Append k^C, v^C, q^U of new tokens; returns all k^C, v^C, q^U and U with zeros at the new positions."""
-            fresh = keys.new_zeros(queries.shape)
-            if self.keys is None or self.keys.numel() == 0:
-                self.keys, self.values, self.lookahead_queries, self.lookahead_keys = keys, values, queries, fresh
-                self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-            else:
-                self.keys = torch.cat((self.keys, keys), dim=-2)
-                self.values = torch.cat((self.values, values), dim=-2)
-                self.lookahead_queries = torch.cat((self.lookahead_queries, queries), dim=-2)
-                self.lookahead_keys = torch.cat((self.lookahead_keys, fresh), dim=-2)
-            return self.keys, self.values, self.lookahead_queries, self.lookahead_keys
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
-        def update(self, *args, **kwargs):
-            raise RuntimeError("CastleLayer is filled by the CASTLE attention module (extend), not by cache.update; "
-                               "this layer sits in a model that is not (or no longer) CASTLE")
+    def batch_select_indices(self, indices) -> None:
+        self._map(lambda t: t[indices, ...])
 
-        def _map(self, fn) -> None:
-            if self.keys is not None and self.keys.numel():
-                self.keys, self.values = fn(self.keys), fn(self.values)
-                self.lookahead_queries, self.lookahead_keys = fn(self.lookahead_queries), fn(self.lookahead_keys)
+    def crop(self, *args, **kwargs) -> None:
+        raise ValueError("CASTLE's lookahead keys sum over later tokens and cannot be cropped; assisted or "
+                         "speculative decoding is not supported with CASTLE")
 
-        def reorder_cache(self, beam_idx) -> None:
-            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+    def reset(self) -> None:
+        self.keys = self.values = self.lookahead_queries = self.lookahead_keys = None
+        self.is_initialized = False
 
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-        def batch_select_indices(self, indices) -> None:
-            self._map(lambda t: t[indices, ...])
-
-        def crop(self, *args, **kwargs) -> None:
-            raise ValueError("CASTLE's lookahead keys sum over later tokens and cannot be cropped; assisted or "
-                             "speculative decoding is not supported with CASTLE")
-
-        def reset(self) -> None:
-            self.keys = self.values = self.lookahead_queries = self.lookahead_keys = None
-            self.is_initialized = False
-
-        def offload(self):
-            raise ValueError("CASTLE's cache does not support offloading; generate without cache offloading")
-
-    return CastleLayer
+    def offload(self):
+        raise ValueError("CASTLE's cache does not support offloading; generate without cache offloading")
 
 
-_CLASSES: dict[str, type] = {}
+class CastleCache(DynamicCache):
+    """A cache of :class:`CastleLayer`, one per decoder layer: ``model(ids, cache=CastleCache(model))``
+    (``past_key_values=`` before transformers 5.24)."""
 
-
-def __getattr__(name: str):
-    # transformers is imported lazily: CastleLayer / CastleCache are built on first access
-    if name == "CastleLayer":
-        if name not in _CLASSES:
-            _CLASSES[name] = _castle_layer_class()
-        return _CLASSES[name]
-    if name == "CastleCache":
-        if name not in _CLASSES:
-            from transformers.cache_utils import Cache, DynamicCache
-
-            layer_cls = __getattr__("CastleLayer")
-
-            class CastleCache(DynamicCache):
-                """A cache of :class:`CastleLayer`, one per decoder layer: ``model(ids, cache=CastleCache(model))``
-                (``past_key_values=`` before transformers 5.24)."""
-
-                def __init__(self, model):
-                    Cache.__init__(self, layers=[layer_cls() for _ in range(model.config.num_hidden_layers)])
-
-            _CLASSES[name] = CastleCache
-        return _CLASSES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __init__(self, model):
+        Cache.__init__(self, layers=[CastleLayer() for _ in range(model.config.num_hidden_layers)])
 
 
 def castle_layer(cache, layer_idx: int):
     """The CastleLayer of ``cache`` for ``layer_idx``; an empty plain DynamicLayer (the one ``generate`` or a
     ``forward(use_cache=True)`` creates) is replaced by a fresh CastleLayer."""
-    layer_cls, layers = __getattr__("CastleLayer"), getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None)
     if layers is None:
         raise ValueError(f"CASTLE needs a transformers Cache with layers; got {type(cache).__name__}")
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while replicate is not None and len(layers) <= layer_idx:
         layers.append(replicate())
     layer = layers[layer_idx]
-    if isinstance(layer, layer_cls):
+    if isinstance(layer, CastleLayer):
         return layer
-    if type(layer) is _dynamic_layer() and layer.get_seq_length() == 0:
-        layers[layer_idx] = layer_cls()
+    if type(layer) is DynamicLayer and layer.get_seq_length() == 0:
+        layers[layer_idx] = CastleLayer()
         return layers[layer_idx]
     raise ValueError(f"CASTLE keeps lookahead keys in CastleLayer cache layers, but layer {layer_idx} of the cache is "
                      f"a {type(layer).__name__}; use the default dynamic cache or hfx_attention.castle.CastleCache(model)"
@@ -298,7 +273,7 @@ class HfxCastleAttention(nn.Module):
         value = self._heads(hidden_states, self.v_proj)
         q_u = self._heads(hidden_states, self.q_u_proj)
         k_u, v_u = self._heads(hidden_states, self.k_u_proj), self._heads(hidden_states, self.v_u_proj)
-        cache = cache if cache is not None else past_key_values  # 5.24 passes `cache=`, 4.56 `past_key_values=`
+        cache = passed_cache({"cache": cache, "past_key_values": past_key_values})
         layer = None
         if cache is not None:
             layer = castle_layer(cache, self.layer_idx)
@@ -341,7 +316,6 @@ def apply(model, *, block_size: int = DEFAULT_BLOCK):
             raise ValueError("castle does not support sliding-window attention layers (its lookahead keys sum over "
                              "every later token); use a config without a sliding window (sliding_window=None / "
                              "use_sliding_window=False)")
-    register(KEY, castle_attention)
     replace_attention_modules(model, lambda source: HfxCastleAttention(source, block_size=block_size)
                               .train(source.training))
     set_attention(model, KEY)

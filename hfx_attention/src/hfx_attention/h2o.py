@@ -39,7 +39,6 @@ from .cache import (
 )
 
 KEY = "hfx_h2o"
-DEFAULTS = {"heavy": 512, "recent": 512, "num_sink_tokens": 0, "positions": "original"}
 
 
 def h2o_attention(module, query, key, value, attention_mask, **kwargs):

@@ -31,7 +31,6 @@ from ._core import register
 from .cache import PolicyCache, PolicyLayer, first_valid, install, policy_attention, validate_budget, validate_positions
 
 KEY = "hfx_sinks"
-DEFAULTS = {"num_sink_tokens": 4, "window": 1020, "positions": "cache"}
 
 
 def sinks_attention(module, query, key, value, attention_mask, **kwargs):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from hfx_kernels.softplus_attention import _check_options, softplus_attention
+
 from ._core import (
     attention_modules,
     check_attention_kwargs,
@@ -62,8 +64,6 @@ def softplus_attention_forward(module, query, key, value, attention_mask, *, sca
 
     Masks of any form through ``keep_mask`` (padding and sliding windows are in transformers' mask); GQA without
     repeating k/v; softcap / sink logits refused."""
-    from hfx_kernels.softplus_attention import softplus_attention
-
     check_attention_kwargs("softplus", kwargs)
     opts = getattr(module, "hfx_softplus", DEFAULTS)
     if module.training:
@@ -103,10 +103,7 @@ def apply(model: nn.Module, *, length_scale: bool = True, power: float = 1.0, tr
     >>> hfx.attention.apply(model, "softplus", power=3.0)   # then train  # doctest: +SKIP
     """
     check_supported(model, "softplus")
-    if not (power == 1.0 or power > 1.0):
-        raise ValueError(f"power must be 1 (LSSA) or > 1 (LSSAR re-weighting, e.g. 3 or 15), got {power!r}")
-    if train_length is not None and not train_length > 1:
-        raise ValueError(f"train_length must be > 1 (lam = log N / log train_length) or None, got {train_length!r}")
+    _check_options(power, train_length)  # the kernel's own check, at apply time rather than at the first forward
     opts = SoftplusOptions(bool(length_scale), float(power), train_length, bool(qk_norm), bool(trained))
     for module in attention_modules(model):
         set_module_attribute(model, module, "hfx_softplus", opts)

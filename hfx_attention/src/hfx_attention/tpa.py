@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hfx_kernels.tpa_decode import tpa_materialize
+from hfx._compat import passed_cache
+from hfx_kernels.tpa_decode import tpa_decode, tpa_materialize
 
 from ._core import (
     check_attention_kwargs,
@@ -114,8 +115,6 @@ def tpa_attention(module, query, key, value, attention_mask, *, scaling=None, dr
     keep = keep_mask(attention_mask, q_len, kv_len, query.device)
     if q_len == 1 and not (torch.is_grad_enabled() and query.requires_grad):
         # decode: contract q with the cached factors, never materialising K/V (FlashTPA-style)
-        from hfx_kernels.tpa_decode import tpa_decode
-
         out = tpa_decode(query, a_k, b_k, a_v, b_v, keep, scale=scaling)
     else:
         out = softmax_attention(query, tpa_materialize(a_k, b_k), tpa_materialize(a_v, b_v), keep, scaling, dropout)
@@ -203,7 +202,7 @@ class HfxTPAAttention(nn.Module):
         a_k, b_k = self._factors(hidden_states, "k", self.k_norm, cos, sin)
         a_v, b_v = self._factors(hidden_states, "v", None, None, None)
         key, value = pack_factors(a_k, b_k), pack_factors(a_v, b_v)
-        cache = cache if cache is not None else past_key_values  # 5.24 passes `cache=`, 4.56 `past_key_values=`
+        cache = passed_cache({"cache": cache, "past_key_values": past_key_values})
         if cache is not None:
             check_dynamic_cache(cache, self.layer_idx)
             key, value = cache.update(key, value, self.layer_idx)
@@ -345,7 +344,6 @@ def apply(model, *, init: str = "random", q_rank: int | None = None, rank: int |
                          "Train it (unfreeze the parameters), use init='gqa' for an exact conversion, or pass "
                          "allow_untrained=True.")
     ranks = resolve_ranks(model.config, init, q_rank, rank, k_rank, v_rank)
-    register(KEY, tpa_attention)
 
     def build(source):
         module = HfxTPAAttention(source, q_rank=ranks[0], k_rank=ranks[1], v_rank=ranks[2], contextual=contextual,

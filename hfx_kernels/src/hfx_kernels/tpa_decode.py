@@ -91,28 +91,34 @@ if triton is not None:
 
     @triton.jit
     def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, m_ptr, o_ptr, scale, H, Tq, Tk, D, RK, RV,
+                           ak_sb, ak_st, ak_sh, ak_sr, bk_sb, bk_st, bk_sr, bk_sd,
+                           av_sb, av_st, av_sh, av_sr, bv_sb, bv_st, bv_sr, bv_sd,
                            m_sb, m_sh, m_sq, m_sk, HAS_MASK: tl.constexpr, OUT_DTYPE: tl.constexpr,
                            PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr):
+        # q and out are contiguous (B, H, Tq, D); the factors are read at their own strides (views of a packed cache)
         pid = tl.program_id(0)
-        b = tl.program_id(1)
+        b64 = tl.program_id(1).to(tl.int64)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # flattened (head, query) rows of batch row b
         row_ok = rows < H * Tq
         hr = rows // Tq
         ir = rows % Tq
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q_rows = b.to(tl.int64) * H * Tq + rows
+        q_rows = b64 * H * Tq + rows
         q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        tok0 = b.to(tl.int64) * Tk
-        m_rows = b.to(tl.int64) * m_sb + hr.to(tl.int64) * m_sh + ir.to(tl.int64) * m_sq
+        ak_ptr += b64 * ak_sb
+        bk_ptr += b64 * bk_sb
+        av_ptr += b64 * av_sb
+        bv_ptr += b64 * bv_sb
+        m_rows = b64 * m_sb + hr.to(tl.int64) * m_sh + ir.to(tl.int64) * m_sq
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start in range(0, Tk, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Tk
-            tok = tok0 + offs_n
+            tok = offs_n.to(tl.int64)
             ok = row_ok[:, None] & n_ok[None, :]
             if HAS_MASK:
                 mv = tl.load(m_ptr + m_rows[:, None] + offs_n[None, :].to(tl.int64) * m_sk, mask=ok, other=0)
@@ -121,10 +127,10 @@ if triton is not None:
                 vis = ok & (offs_n[None, :] <= ir[:, None] + (Tk - Tq))
             s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r in range(0, RK):  # q . b_k[:, r] first, then the head mix a_k[:, h, r]
-                bk = tl.load(bk_ptr + (tok[:, None] * RK + r) * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                             other=0.0)
+                bk = tl.load(bk_ptr + tok[:, None] * bk_st + r * bk_sr + offs_d[None, :] * bk_sd,
+                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 qb = _dot(q, tl.trans(bk), PRECISION, DOT_F32)
-                ak = tl.load(ak_ptr + (tok[None, :] * H + hr[:, None]) * RK + r, mask=ok, other=0.0)
+                ak = tl.load(ak_ptr + tok[None, :] * ak_st + hr[:, None] * ak_sh + r * ak_sr, mask=ok, other=0.0)
                 s += qb * ak.to(tl.float32)
             s = tl.where(vis, s * (scale / RK), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -134,9 +140,9 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             for r in range(0, RV):  # sum_r (p * a_v[:, h, r]) @ b_v[:, r]
-                av = tl.load(av_ptr + (tok[None, :] * H + hr[:, None]) * RV + r, mask=ok, other=0.0)
-                bv = tl.load(bv_ptr + (tok[:, None] * RV + r) * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                             other=0.0)
+                av = tl.load(av_ptr + tok[None, :] * av_st + hr[:, None] * av_sh + r * av_sr, mask=ok, other=0.0)
+                bv = tl.load(bv_ptr + tok[:, None] * bv_st + r * bv_sr + offs_d[None, :] * bv_sd,
+                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 acc += _dot((p * av.to(tl.float32)).to(bv.dtype), bv, PRECISION, DOT_F32)
             m_i = m_new
         out = acc * tl.where(l_i > 0, 1.0 / (tl.where(l_i > 0, l_i, 1.0) * RV), 0.0)[:, None]
@@ -146,7 +152,8 @@ if triton is not None:
 def tpa_decode_triton(q: Tensor, a_k: Tensor, b_k: Tensor, a_v: Tensor, b_v: Tensor, mask: Tensor | None = None, *,
                       scale: float | None = None) -> Tensor:
     """The Triton implementation of :func:`tpa_decode_reference` (same arguments): float32/bfloat16/float16 q;
-    factors of any float dtype (float64 ones are rejected); strided inputs are copied."""
+    factors of any float dtype (float64 ones are rejected) and any strides (views of a packed cache are read in place,
+    not copied); a strided q is copied."""
     _check(q, a_k, b_k, a_v, b_v)
     if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in (q, a_k, b_k, a_v, b_v)):
         raise ValueError(f"{KERNEL}: the Triton kernel takes float32/bfloat16/float16 tensors; float64 runs the torch "
@@ -157,11 +164,12 @@ def tpa_decode_triton(q: Tensor, a_k: Tensor, b_k: Tensor, a_v: Tensor, b_v: Ten
         return torch.zeros_like(q)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # tl.dot needs one operand dtype: the b factors take q's (a copy only when they differ)
-    q, a_k, b_k, a_v, b_v = (t.contiguous() for t in (q, a_k, b_k.to(q.dtype), a_v, b_v.to(q.dtype)))
+    q, b_k, b_v = q.contiguous(), b_k.to(q.dtype), b_v.to(q.dtype)
     m, (m_sb, m_sh, m_sq, m_sk), has_mask = _mask_args(_visible(mask, (bsz, h, tq, tk), q.device, KERNEL), q)
     out = torch.empty_like(q)
     _tpa_decode_kernel[(triton.cdiv(h * tq, BLOCK_M), bsz)](
-        q, a_k, b_k, a_v, b_v, m, out, float(scale), h, tq, tk, d, rk, rv, m_sb, m_sh, m_sq, m_sk,
+        q, a_k, b_k, a_v, b_v, m, out, float(scale), h, tq, tk, d, rk, rv,
+        *a_k.stride(), *b_k.stride(), *a_v.stride(), *b_v.stride(), m_sb, m_sh, m_sq, m_sk,
         HAS_MASK=has_mask, OUT_DTYPE=tl_dtype(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(d)), **_dot_args(q.dtype))
     return out
@@ -176,10 +184,10 @@ def tpa_decode(q: Tensor, a_k: Tensor, b_k: Tensor, a_v: Tensor, b_v: Tensor, ma
     >>> out = tpa_decode(q_step, a_k, b_k, a_v, b_v)  # doctest: +SKIP
     """
     _check(q, a_k, b_k, a_v, b_v)
+    q = q.contiguous()  # a few query rows; the factors stay as they are (views of the packed cache: never copied)
     tensors = [q, a_k, b_k, a_v, b_v]
-    if q.is_cuda:
-        tensors = [t.contiguous() for t in tensors]
     with torch.no_grad():
-        if all(t.dtype != torch.float64 for t in tensors) and use_triton(tensors, KERNEL):
+        # the kernel takes the factors at any strides, so q alone decides (_check put every tensor on its device)
+        if all(t.dtype != torch.float64 for t in tensors) and use_triton([q], KERNEL):
             return tpa_decode_triton(*tensors, mask, scale=scale)
         return tpa_decode_reference(*tensors, mask, scale=scale)
