@@ -29,7 +29,13 @@ ALiBi / FoX / key-gated strength of the papers.
 
 Keys are cached *before* rotation (rotary bypass) and without their appended dims; the attention function keeps, per
 layer, what each cached key needs (its position, contextual phase or FoX cumulative sum), appends the new tokens'
-values at every call and trims them like a sliding-window cache, so decoding with a cache equals a full forward.
+values at every call and trims them as the cache does (a sliding window drops keys from the front, assisted decoding's
+crop from the back), so decoding with a cache equals a full forward. It also keeps a few components of every cached
+key, to follow the rows that beam search reorders in the cache.
+
+The appended values are shifted by those of the call's last key (a per-row constant of the logits, so the softmax
+does not change): near the diagonal they stay small, where bf16 would round an absolute position or a long FoX sum
+(3001 -> 3008). In one long call (prefill, training) rows far from its last token keep that rounding.
 
     >>> import hfx
     >>> hfx.attention.apply(model, "grape", variant="learned")              # doctest: +SKIP
@@ -53,7 +59,6 @@ from ._core import (
     check_supported,
     register,
     set_attention,
-    set_module_attribute,
 )
 from .rotary import apply_rope, bypass_rotary, rope_cos_sin, rotate_half
 
@@ -63,6 +68,7 @@ ADDITIVE = ("alibi", "fox", "keygated")
 VARIANTS = MULTIPLICATIVE + ADDITIVE
 _STATE = "_hfx_grape_state"  # per-key values of the keys in the cache
 _INPUT = "_hfx_grape_input"  # the layer input of the current call (FoX, contextual)
+_SIGNATURE_DIMS = 4  # key components kept per cached key to recognise its cache row after a beam reorder
 
 # --------------------------------------------------------------------------------------------------
 # Pure math
@@ -76,7 +82,7 @@ def rodrigues(x: Tensor, a: Tensor, b: Tensor, theta: Tensor) -> Tensor:
     ``x`` (..., d), ``a``/``b`` (d,) or broadcastable, ``theta`` broadcastable to x's leading dims.
 
     >>> e = torch.eye(4, dtype=torch.float64)
-    >>> rodrigues(e[0], e[2], e[0], torch.tensor(math.pi / 2))   # canonical plane: (x1, x2) -> (-x2, x1) order
+    >>> rodrigues(e[0], e[2], e[0], torch.tensor(math.pi / 2)).round(decimals=6) + 0   # (x1, x2) -> (-x2, x1); + 0: no -0.
     tensor([0., 0., 1., 0.], dtype=torch.float64)
     """
     theta = torch.as_tensor(theta, dtype=x.dtype, device=x.device)[..., None]
@@ -97,7 +103,7 @@ def rotate_planes(x: Tensor, theta: Tensor) -> Tensor:
     sign (L_j = e_{j+D/2} e_jᵀ - e_j e_{j+D/2}ᵀ): Rodrigues per plane, x + sin θ L x + (1 - cos θ) L² x, which on
     these planes is x cos θ + rotate_half(x) sin θ. ``x`` (..., D), ``theta`` (..., D/2) broadcastable.
 
-    >>> rotate_planes(torch.tensor([1.0, 0.0]), torch.tensor([math.pi / 2])).round()
+    >>> rotate_planes(torch.tensor([1.0, 0.0]), torch.tensor([math.pi / 2])).round() + 0   # + 0: no -0.
     tensor([0., 1.])
     """
     theta = torch.cat((theta, theta), dim=-1)
@@ -124,6 +130,12 @@ def alibi_slopes(n_heads: int) -> list[float]:
 def exclusive_cumsum(x: Tensor, dim: int = -1) -> Tensor:
     """Σ_{τ<t} x_τ along ``dim`` (0 at t = 0)."""
     return torch.cumsum(x, dim) - x
+
+
+def relative_to_last(values: Tensor) -> Tensor:
+    """Per-key values (..., Tk) minus the last key's, in their own (high) precision. The shift is a per-row constant
+    of the logits (detached: its gradient through the softmax is zero)."""
+    return values - values[..., -1:].detach()
 
 
 def append_dims(query: Tensor, key: Tensor, q_extra: Tensor, k_extra: Tensor) -> tuple[Tensor, Tensor]:
@@ -188,11 +200,20 @@ class GrapeParameters(nn.Module):
         return freq
 
     def basis(self) -> Tensor | None:
-        """Orthogonal P = exp(A - Aᵀ) per row of heads (identity at A = 0), or None."""
+        """Orthogonal P = exp(A - Aᵀ) per row of heads (identity at A = 0), or None. Without autograd (generation)
+        the matrix exponential is kept until A changes in place (its version counter: optimizer steps,
+        ``load_state_dict``; an edit through ``.data`` bypasses it), not redone per layer per decoded token."""
         if not hasattr(self, "basis_generator"):
             return None
         a = self.basis_generator
-        return torch.linalg.matrix_exp(a - a.transpose(-1, -2))
+        if torch.is_grad_enabled() and a.requires_grad:
+            return torch.linalg.matrix_exp(a - a.transpose(-1, -2))
+        version = (a._version, a.data_ptr(), a.dtype, a.device)
+        cached = self.__dict__.get("_basis_cache")
+        if cached is None or cached[0] != version:
+            with torch.no_grad():
+                cached = self.__dict__["_basis_cache"] = (version, torch.linalg.matrix_exp(a - a.transpose(-1, -2)))
+        return cached[1]
 
     def omega(self, x: Tensor) -> Tensor:
         """Contextual phase increment per token: (B, T, 1 | H_kv)."""
@@ -215,22 +236,54 @@ def _positions(kwargs: dict, b: int, tq: int, tk: int, device) -> Tensor:
     return pos.expand(b, tq)
 
 
-def _track(module: nn.Module, tq: int, tk: int, new: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Per-key values (last dim = key axis) of every key in the cache: the new tokens' values appended to the
-    stored ones, trimmed to the cache length (sliding windows drop from the front). A call without earlier keys
-    (tk == tq) starts over. Stored detached (the cache's own keys carry the graph)."""
+def key_signature(key: Tensor) -> Tensor:
+    """A few components of every key (B, Hkv, T, D), as (B, Hkv, c, T): exact copies, so a cache row that beam search
+    moved (``index_select``) still matches its stored signature bit for bit, at a small fraction of the keys' size."""
+    return key[..., :_SIGNATURE_DIMS].transpose(-1, -2).detach().clone()
+
+
+def matching_rows(old: Tensor, new: Tensor) -> Tensor | None:
+    """For each row of ``new`` (B1, ...), the index of a row of ``old`` (B0, ...) equal to it, or None if some row
+    has none. Sorting both together (``torch.unique``) groups equal rows exactly; among equal old rows any will do."""
+    both = torch.cat((old, new)).flatten(1)
+    _, group = torch.unique(both, dim=0, return_inverse=True)
+    owner = torch.full((both.shape[0],), -1, dtype=torch.long, device=both.device)
+    owner[group[: old.shape[0]]] = torch.arange(old.shape[0], device=both.device)
+    rows = owner[group[old.shape[0]:]]
+    return None if bool((rows < 0).any()) else rows
+
+
+def _cached_state(module: nn.Module, key: Tensor, tq: int, window: int | None) -> dict[str, Tensor] | None:
+    """The stored per-key values (last dim = key axis) of the keys still in the cache, their rows matched to the
+    cache's rows now: between calls beam search reorders, selects and repeats cache rows, which the cache does to
+    its keys but not to this state. The rows are matched by the keys' signatures. Of the keys seen, a rolled sliding
+    window (it keeps ``window - 1``) holds the last ones, a crop (assisted decoding) the first ones. None for a call
+    that brings all its keys."""
+    n = key.shape[2] - tq
+    if n == 0:
+        return None
     old = module.__dict__.get(_STATE)
-    if tk == tq:
-        state = dict(new)
-    else:
-        if old is None or old["pos"].shape[-1] + tq < tk or old["pos"].shape[0] != new["pos"].shape[0]:
-            raise RuntimeError(
-                "GRAPE keeps, per layer, the position/phase of every cached key, and this cache holds keys it did not "
-                "see (a cache filled before hfx.attention.apply, reordered by beam search or shared between models): "
-                "start a new cache (generate() does) after applying GRAPE"
-            )
-        state = {k: torch.cat((old[k], v), -1)[..., -tk:] for k, v in new.items()}
-    module.__dict__[_STATE] = {k: v.detach() for k, v in state.items()}
+    if old is not None and old["sig"].shape[-1] >= n:
+        start = old["sig"].shape[-1] - n if window is not None and n >= window - 1 else 0
+        kept = {name: value[..., start: start + n] for name, value in old.items()}
+        cached = key[:, :, :n, :_SIGNATURE_DIMS].transpose(-1, -2)
+        if torch.equal(kept["sig"], cached):
+            return kept
+        rows = matching_rows(kept["sig"], cached) if kept["sig"].shape[1:] == cached.shape[1:] else None
+        if rows is not None:
+            return {name: value.index_select(0, rows) for name, value in kept.items()}
+    raise RuntimeError(
+        "GRAPE keeps, per layer, the position/phase of every cached key, and this cache holds keys it did not see (a "
+        "cache filled before hfx.attention.apply or shared between models): start a new cache (generate() does) "
+        "after applying GRAPE"
+    )
+
+
+def _track(module: nn.Module, key: Tensor, old: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The per-key values of every key of this call: the new tokens' values appended to the cached ones (``old``,
+    from :func:`_cached_state`). Stored detached (the cache's own keys carry the graph), with the keys' signatures."""
+    state = dict(new) if old is None else {k: torch.cat((old[k], v), -1) for k, v in new.items()}
+    module.__dict__[_STATE] = {**{k: v.detach() for k, v in state.items()}, "sig": key_signature(key)}
     return state
 
 
@@ -263,7 +316,7 @@ def grape_attention(module, query, key, value, attention_mask, *, scaling=None, 
     groups = query.shape[1] // key.shape[1]
     scaling = module.scaling if scaling is None else scaling
     pos = _positions(kwargs, b, tq, tk, query.device)
-    old = module.__dict__.get(_STATE) if tk > tq else None
+    old = _cached_state(module, key, tq, kwargs.get("sliding_window"))
     x = module.__dict__.pop(_INPUT, None)
     new = {"pos": pos.to(torch.float64)}
     if variant == "contextual":
@@ -276,11 +329,7 @@ def grape_attention(module, query, key, value, attention_mask, *, scaling=None, 
         logf = F.logsigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).transpose(1, 2)  # (B, Hkv, Tq)
         start = old["fox"][..., -1:] if old is not None else 0.0
         new["fox"] = start + torch.cumsum(logf, -1)
-    state = _track(module, tq, tk, new)
-    if variant == "contextual":  # "total" only needs its last entry; the phases need their live gradient
-        state["phi"] = torch.cat((state["phi"][..., : tk - tq], new["phi"]), -1)
-    if variant == "fox":
-        state["fox"] = torch.cat((state["fox"][..., : tk - tq], new["fox"]), -1)
+    state = _track(module, key, old, new)
 
     # multiplicative part (or the model's own RoPE under an additive variant)
     if variant == "rope" or (variant in ADDITIVE and opts["rope"]):
@@ -302,21 +351,22 @@ def grape_attention(module, query, key, value, attention_mask, *, scaling=None, 
     else:
         q_rot, k_rot = query, key
 
-    # additive part: appended dims so that scaling * (q_extra . k_extra) = b(i, j) + a per-row constant
+    # additive part: appended dims so that scaling * (q_extra . k_extra) = b(i, j) + a per-row constant, with positions
+    # and FoX sums taken relative to the call's last key (small near the diagonal: see the module docstring)
     if variant in ADDITIVE:
         cdt = torch.promote_types(query.dtype, torch.float32)
         slope = (params.scale.to(cdt) * params.slopes.to(cdt))[None, :, None, None]  # (1, H, 1, 1)
+        kpos = relative_to_last(state["pos"]).to(cdt)[:, None, :]  # (B, 1, Tk): j - j_last
         if variant == "alibi":
             q_extra = slope.expand(b, -1, tq, 1) / scaling
-            k_extra = state["pos"].to(cdt)[:, None, :, None].expand(b, key.shape[1], tk, 1)
+            k_extra = kpos[..., None].expand(b, key.shape[1], tk, 1)
         elif variant == "fox":
             q_extra = params.scale.to(cdt)[None, :, None, None].expand(b, -1, tq, 1) / scaling
-            k_extra = -state["fox"].to(cdt)[..., None]
-        else:  # keygated: gates from the un-rotated keys
+            k_extra = -relative_to_last(state["fox"]).to(cdt)[..., None]
+        else:  # keygated: gates from the un-rotated keys; -(i - j) = -(i - j_last) + (j - j_last), no row constant
             gate = F.softplus((key.to(cdt) * params.gate_u.to(cdt)[None, :, None]).sum(-1) / math.sqrt(key.shape[-1]))
-            kpos = state["pos"].to(cdt)[:, None, :]
             k_extra = torch.stack((gate, kpos * gate), -1)
-            qpos = pos.to(cdt)[:, None, :, None]
+            qpos = (pos - state["pos"][:, -1:].detach()).to(cdt)[:, None, :, None]
             q_extra = torch.cat((-slope * qpos, slope.expand(b, -1, tq, 1)), -1) / scaling
         q_rot, k_rot = append_dims(q_rot, k_rot, q_extra, k_extra)
     return sdpa_attention_forward(module, q_rot, k_rot, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -390,6 +440,5 @@ def apply(model: nn.Module, variant: str = "rope", *, factor: float | None = Non
         if variant in ("contextual", "fox"):
             handle = module.register_forward_pre_hook(_capture_input, with_kwargs=True)
             on_revert(model, handle.remove)
-    set_module_attribute(model, model, "hfx_grape_variant", variant)
     set_attention(model, KEY)
     return model
