@@ -11,10 +11,11 @@ How a step runs (transformers 4.56 – 5.24):
 3. Each attention module calls ``update``: the layer first evicts down to the policy's target (so eviction decided
    from the previous step's scores happens here, as in H2O's code), appends the new tokens and returns kept + new.
 4. The attention function (:func:`policy_attention`) finds its layer through a weak handle on the module, rotates
-   the **pre-RoPE** keys (rotary bypass) at the slot's original position (``positions="original"``) or at its
-   cache slot (``positions="cache"``, StreamingLLM's pos-shift: keys at 0..n-1 counting valid slots, the query at
-   the number of valid cached tokens before it), masks invalid (padding) slots and, for H2O, adds each key's
-   softmax mass (summed over query rows and the group's query heads) to the layer's scores.
+   the **pre-RoPE** keys (rotary bypass) at their cache slot (``positions="cache"``, StreamingLLM's pos-shift: keys
+   at 0..n-1 counting valid slots, the query at the number of valid cached tokens before it; every kept key again
+   at each step) or, once, the new keys at their original position (``positions="original"``: written back, so the
+   cache then holds rotated keys), masks invalid (padding) slots and, for H2O, adds each key's softmax mass (summed
+   over query rows and the group's query heads) to the layer's scores.
 
 Budget convention for both policies: a decode step attends to ``budget`` cached tokens, its own token included
 (StreamingLLM's ``start_size + recent_size``); between steps the cache holds at most ``budget`` slots. A step with
@@ -114,9 +115,10 @@ def validate_positions(method: str, positions: str) -> None:
 class PolicyLayer(DynamicLayer):
     """A ``DynamicLayer`` whose slots are chosen by a policy (subclasses: :meth:`priority`, :meth:`target`).
 
-    ``keys``/``values``: (B, H_kv, N, D), pre-RoPE. ``pos``/``valid``/``scores``: (B, Hp, N). ``cumulative``: tokens
-    seen (what ``get_seq_length`` reports, so ``generate`` computes positions and slices inputs as with a dense
-    cache). ``history`` (when ``record=True``): the (original positions, validity) of the slots each step attended.
+    ``keys``/``values``: (B, H_kv, N, D); keys pre-RoPE, or rotated once attended with ``positions="original"``.
+    ``pos``/``valid``/``scores``: (B, Hp, N). ``cumulative``: tokens seen (what ``get_seq_length`` reports, so
+    ``generate`` computes positions and slices inputs as with a dense cache). ``history`` (when ``record=True``): the
+    (original positions, validity) of the slots each step attended.
     """
 
     is_sliding = False
@@ -355,6 +357,20 @@ def attend_with_mass(query: Tensor, key: Tensor, value: Tensor, keep: Tensor, sc
     return (probs @ value).reshape(b, h, q_len, value.shape[-1]), mass
 
 
+def rotated_keys(module: nn.Module, layer: PolicyLayer, key: Tensor, k_pos: Tensor, q_len: int) -> Tensor:
+    """The layer's keys rotated at ``k_pos``. With ``positions="cache"`` slots move as tokens are evicted, so every
+    kept key is rotated again at each step. With ``positions="original"`` a key's position never changes: only the
+    ``q_len`` new keys are rotated, written back into the cache in place, so the cache holds rotated keys and a
+    decode step costs no per-key rotary work (gathers on eviction keep them rotated)."""
+    if layer.positions == "cache" or key.requires_grad:
+        cos, sin = rope_at(module, key, k_pos)
+        return apply_rope(key, cos, sin)
+    new = key[..., key.shape[2] - q_len:, :]
+    cos, sin = rope_at(module, new, k_pos[..., key.shape[2] - q_len:])
+    new.copy_(apply_rope(new, cos, sin))
+    return key
+
+
 def policy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      *, scaling: float | None = None, dropout: float = 0.0, method: str = "policy", **kwargs):
     """The attention function of sinks and H2O (registered as ``hfx_sinks``/``hfx_h2o``). Keys and queries arrive
@@ -381,9 +397,8 @@ def policy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
         return sdpa_attention_forward(module, apply_rope(query, cos, sin), apply_rope(key, cos, sin), value,
                                       attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q_pos, k_pos, keep = layer.layout(position_ids, q_len)
-    k_cos, k_sin = rope_at(module, key, k_pos)
+    key = rotated_keys(module, layer, key, k_pos, q_len)
     q_cos, q_sin = rope_at(module, query, q_pos)
-    key = apply_rope(key, k_cos, k_sin)
     query = apply_rope(query, to_query_heads(q_cos, groups), to_query_heads(q_sin, groups))
     keep = to_query_heads(keep, groups)
     if layer.needs_scores:
