@@ -608,6 +608,14 @@ def tiny_model_path(request):
 
 
 @pytest.fixture(scope="session")
+def warm_start_home(tmp_path_factory):
+    """A fresh ``HFX_CACHE_DIR`` shared by the session (warm starts under ``<it>/warm_start``): tests that need the
+    same default toy warm start train it once, from scratch, instead of once each (~5 CPU minutes for the
+    collaborator task). Set it with ``monkeypatch.setenv("HFX_CACHE_DIR", str(warm_start_home))``."""
+    return tmp_path_factory.mktemp("hfx-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_datasets():
     """:func:`make_tiny_datasets` (8 rows each), built once per session."""
     return make_tiny_datasets()

@@ -471,8 +471,8 @@ def test_warm_start_default_arithmetic(tmp_path):
 
 
 @pytest.mark.slow
-def test_warm_start_default_collaborator(tmp_path):
-    path = toy.warm_start("collaborator", cache_dir=tmp_path)
+def test_warm_start_default_collaborator(warm_start_home):
+    path = toy.warm_start("collaborator", cache_dir=warm_start_home / "warm_start")  # shared with the SWEET-RL toy test
     task = toy.CollaboratorTask()
     records = task.rollouts(path)
     rate = sum(r["reward"] for r in records) / len(records)

@@ -396,13 +396,13 @@ def test_command_line_critic_model_reaches_the_trainer(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_hfx_sweet_rl_toy_path(tmp_path, monkeypatch):
+def test_hfx_sweet_rl_toy_path(tmp_path, monkeypatch, warm_start_home):
     """`hfx sweet-rl` with no arguments but the recipe: the toy warm start plays every train task 3 times, the critic
     and the policy train, and success is measured before and after on the eval tasks."""
     from hfx.cli import main as cli
     from hfx_trainers import sweet_rl_script
 
-    monkeypatch.setenv("HFX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HFX_CACHE_DIR", str(warm_start_home))  # the session's warm start, trained once
     captured = {}
     real_main = sweet_rl_script.main
     monkeypatch.setattr(sweet_rl_script, "main", lambda *a: captured.setdefault("summary", real_main(*a)))
