@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 import hfx
 from hfx._compat import is_optimizer_factory
@@ -265,21 +266,27 @@ def main() -> None:
     parser.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)), help="convergence learning rates")
     parser.add_argument("--seeds", type=int, default=1, help="convergence: seeds per cell (the mean is compared)")
     parser.add_argument("--steps", type=int, default=300, help="convergence: training steps per run")
+    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
+                        help="torch.set_float32_matmul_precision for the run: 'medium' lets fp32 GEMMs use bf16 "
+                             "(AMX on recent Xeons, like TF32 on GPUs); AdamW has no GEMM and is unaffected")
     parser.add_argument("--out", default=str(RESULTS / "optim.md"))
     args = parser.parse_args()
     names = args.optimizers.split(",") if args.optimizers else hfx_optimizers()
     parts = args.parts.split(",")
     hidden, layers = (128, 2) if args.quick else (640, 8)
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     out_arg = f" --out {args.out}" if args.out != str(RESULTS / "optim.md") else ""
     args_optimizers = f" --optimizers {args.optimizers}" if args.optimizers else ""
     lines = ["# hfx-optim benchmarks", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+             f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"Python {platform.python_version()}. Command: `python benchmarks/optim.py "
              f"--parts {args.parts}{' --quick' if args.quick else ''}"
              f"{f' --schedule {args.schedule}' if args.schedule != 'constant' else ''}"
              f"{f' --lr-grid {args.lr_grid}' if args.lr_grid != ','.join(map(str, LR_GRID)) else ''}"
-             f"{f' --seeds {args.seeds}' if args.seeds > 1 else ''}{f' --steps {args.steps}' if args.steps != 300 else ''}{args_optimizers}{out_arg}`. Ratios are against AdamW measured in the "
+             f"{f' --seeds {args.seeds}' if args.seeds > 1 else ''}{f' --steps {args.steps}' if args.steps != 300 else ''}"
+             f"{f' --matmul-precision {args.matmul_precision}' if args.matmul_precision != 'highest' else ''}"
+             f"{args_optimizers}{out_arg}`. Ratios are against AdamW measured in the "
              f"same run.", ""]
     if "state" in parts:
         lines += part_state(names, hidden, layers)

@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from _machine import cpu_name  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 RESULTS = Path(__file__).parent / "results"
 ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
@@ -87,13 +88,6 @@ def preference_rows(n: int, prompt_len: int, completion_len: int, seed: int = 0)
         for column, value in zip(WIN_PROBS, (p_w, p_l, rng.uniform(0.5, 1.0))):
             rows[column].append(value)
     return rows
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def rss_kib(field: str = "VmRSS") -> int:

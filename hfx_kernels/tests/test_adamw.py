@@ -168,30 +168,51 @@ def test_per_tensor_steps_and_bad_input():
     assert (p[1].abs() < 1).all()
 
 
+@pytest.mark.parametrize("correct_bias", [True, False])
+@pytest.mark.parametrize("decay_mode", ["before", "after"])
+@pytest.mark.parametrize("eps_mode", ["torch", "hf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_torch_path_fast_form_equals_the_reference(dtype, monkeypatch):
-    """The torch path hands torch.optim.AdamW's form to torch's fused kernel; it must equal the plain reference."""
+def test_torch_path_fast_form_equals_the_reference(dtype, eps_mode, decay_mode, correct_bias, monkeypatch):
+    """The torch path rewrites every step as torch.optim.AdamW's form (other lr, eps, weight decay) for torch's fused
+    kernel, per group of equal steps; it must equal the plain reference in each eps/decay/bias convention."""
     monkeypatch.setenv("HFX_KERNELS", "torch")
     torch.manual_seed(0)
     a = make_lists((37, 3), dtype, "cpu", state_dtype=dtype)
     b = [[x.clone() for x in lst] for lst in a]
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
-    K.adamw_step(*a, steps=[4, 1, 7], weight_decay=0.1, **kw)
-    sizes, eps = K.step_scalars([4, 1, 7], lr=kw["lr"], betas=kw["betas"], eps=kw["eps"])
-    K.adamw_step_reference(*b, step_sizes=sizes, eps=eps, betas=kw["betas"], decay=1 - kw["lr"] * 0.1)
+    conv = dict(eps_mode=eps_mode, correct_bias=correct_bias)
+    K.adamw_step(*a, steps=[4, 1, 4], weight_decay=0.1, decay_mode=decay_mode, **conv, **kw)
+    sizes, eps = K.step_scalars([4, 1, 4], lr=kw["lr"], betas=kw["betas"], eps=kw["eps"], **conv)
+    K.adamw_step_reference(*b, step_sizes=sizes, eps=eps, betas=kw["betas"], decay=1 - kw["lr"] * 0.1,
+                           decay_mode=decay_mode)
     rtol, atol = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
+def test_fused_forms_refuse_a_decay_they_cannot_express():
+    """Decay after the update with lr * wd = 1 zeroes the parameter: no torch form; adamw_step then takes the
+    reference and still zeroes it."""
+    assert K.torch_fused_forms([1], [0.5], [1e-8], (0.9, 0.99), 0.0, "after") is None
+    forms = K.torch_fused_forms([3, 1, 3], [0.1, 0.2, 0.1], [1e-8, 1e-8, 1e-8], (0.9, 0.99), 0.99, "before")
+    assert [idx for idx, _ in forms] == [[0, 2], [1]]
+    p, g, m, v = ([torch.ones(4)] for _ in range(4))
+    K.adamw_step(p, g, m, v, steps=1, lr=1.0, betas=(0.9, 0.99), eps=1e-8, weight_decay=1.0, decay_mode="after")
+    assert torch.equal(p[0], torch.zeros(4))
+
+
+@pytest.mark.parametrize("correct_bias", [True, False])
+@pytest.mark.parametrize("eps_mode", ["torch", "hf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_adam_direction_torch_path_foreach_form_equals_the_reference(dtype, monkeypatch):
+def test_adam_direction_torch_path_fused_form_equals_the_reference(dtype, eps_mode, correct_bias, monkeypatch):
+    """The direction N from torch's fused kernel (a zeroed parameter, step size -1) equals the reference's."""
     monkeypatch.setenv("HFX_KERNELS", "torch")
     torch.manual_seed(0)
     _, g, m, v = make_lists((6, 5), dtype, "cpu", state_dtype=dtype)
     g2, m2, v2 = ([x.clone() for x in lst] for lst in (g, m, v))
-    out, factors = K.adam_direction(g, m, v, steps=[2, 1, 9], betas=(0.9, 0.99), eps=1e-8, eps_mode="torch")
-    sizes, eps = K.step_scalars([2, 1, 9], lr=1.0, betas=(0.9, 0.99), eps=1e-8)
+    conv = dict(eps_mode=eps_mode, correct_bias=correct_bias)
+    out, factors = K.adam_direction(g, m, v, steps=[2, 1, 9], betas=(0.9, 0.99), eps=1e-8, **conv)
+    sizes, eps = K.step_scalars([2, 1, 9], lr=1.0, betas=(0.9, 0.99), eps=1e-8, **conv)
     want = [torch.empty_like(x) for x in m2]
     K.adamw_step_reference(None, g2, m2, v2, step_sizes=sizes, eps=eps, betas=(0.9, 0.99), out=want)
     assert factors == sizes

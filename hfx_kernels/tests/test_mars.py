@@ -214,9 +214,11 @@ def test_bad_input_triton(monkeypatch):
         K.mars_lion_step(p, g, [torch.zeros(3, 2)[:, 0]], m, lr=1.0, betas=(0.9, 0.999), gamma=0.025)
 
 
+@pytest.mark.parametrize("store_grads", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_torch_path_multi_tensor_form_equals_the_reference(dtype, monkeypatch):
-    """The torch path's foreach + fused-AdamW form equals the plain per-tensor reference, clip firing or not."""
+def test_torch_path_multi_tensor_form_equals_the_reference(dtype, store_grads, monkeypatch):
+    """The torch path's foreach + fused-AdamW form (float32: the clip as the kernel's gradient divisor) equals the
+    plain per-tensor reference, clip firing or not, keeping the last gradient or not."""
     monkeypatch.setenv("HFX_KERNELS", "torch")
     torch.manual_seed(0)
     shapes = [(17, 5), (3,), (40,)]
@@ -232,10 +234,10 @@ def test_torch_path_multi_tensor_form_equals_the_reference(dtype, monkeypatch):
 
     a, b = lists(), lists()
     kw = dict(lr=1e-2, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_decay=0.1)
-    K.mars_adamw_step(*a, steps=[3, 1, 5], **kw)
+    K.mars_adamw_step(*a, steps=[3, 1, 5], store_grads=store_grads, **kw)
     pairs = [adam_scalars(t, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"]) for t in (3, 1, 5)]
     K.mars_step_reference(*b, k=K.mars_k(0.025, 0.95), betas=kw["betas"], step_sizes=[x for x, _ in pairs],
-                             eps=[e for _, e in pairs], decay=1 - kw["lr"] * 0.1)
+                          eps=[e for _, e in pairs], decay=1 - kw["lr"] * 0.1, store_grads=store_grads)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     for x, y in zip(a, b):
         for xi, yi in zip(x, y):

@@ -1,5 +1,6 @@
 """The projection-epilogue kernel (GEMM A @ B with W's update in its epilogue): Triton (interpreter on CPU) against its
-torch reference over odd m, n, r and W dtypes, both decay modes, with and without the extra term; both backends
+torch reference over odd m, n, r and W dtypes, both decay modes, with and without the extra term (and its per-row or
+per-column scale); both backends
 against an independent float64 derivation of the formula; mixed operand dtypes; input errors."""
 
 import math
@@ -22,6 +23,7 @@ class _ProjectionCase(TritonKernelConformance):
     tolerances = {torch.float64: (1e-12, 1e-12)}
     decay_mode = "before"
     with_extra = False
+    scale = None  # "row" (m×1) or "column" (1×n): the extra term's scale
     hyper = dict(alpha=0.3, beta=-0.7, decay=0.9)
 
     def make_inputs(self, shape, dtype, device):
@@ -31,14 +33,16 @@ class _ProjectionCase(TritonKernelConformance):
         a = torch.randn(m, r, device=device, dtype=operand)
         b = torch.randn(r, n, device=device, dtype=operand)
         e = torch.randn(m, n, device=device, dtype=operand) if self.with_extra else None
-        return w, a, b, e
+        s = None if self.scale is None else torch.rand((m, 1) if self.scale == "row" else (1, n), device=device,
+                                                        dtype=operand) * 3
+        return w, a, b, e, s
 
-    def reference(self, w, a, b, e):
-        K.projection_update_reference(w, a, b, extra=e, decay_mode=self.decay_mode, **self.hyper)
+    def reference(self, w, a, b, e, s):
+        K.projection_update_reference(w, a, b, extra=e, extra_scale=s, decay_mode=self.decay_mode, **self.hyper)
         return w
 
-    def kernel(self, w, a, b, e):
-        K.projection_update_triton(w, a, b, extra=e, decay_mode=self.decay_mode, **self.hyper)
+    def kernel(self, w, a, b, e, s):
+        K.projection_update_triton(w, a, b, extra=e, extra_scale=s, decay_mode=self.decay_mode, **self.hyper)
         return w
 
 
@@ -61,7 +65,20 @@ class TestDecayAfterWithExtra(_ProjectionCase):
     with_extra = True
 
 
-def float64_formula(w, a, b, e, *, alpha, beta, decay, decay_mode):
+class TestDecayAfterWithColumnScaledExtra(_ProjectionCase):
+    """Fira's left projection: ``phi * G`` with one phi per column, G passed unscaled."""
+
+    decay_mode = "after"
+    with_extra = True
+    scale = "column"
+
+
+class TestDecayBeforeWithRowScaledExtra(_ProjectionCase):
+    with_extra = True
+    scale = "row"
+
+
+def float64_formula(w, a, b, e, *, alpha, beta, decay, decay_mode, s=None):
     """The update element by element with exactly rounded sums (math.fsum), independent of torch's matmul."""
     m, n = w.shape
     r = a.shape[1]
@@ -70,7 +87,8 @@ def float64_formula(w, a, b, e, *, alpha, beta, decay, decay_mode):
         for j in range(n):
             u = alpha * math.fsum(float(a[i, k]) * float(b[k, j]) for k in range(r))
             if e is not None:
-                u += beta * float(e[i, j])
+                u += beta * float(e[i, j]) * (1.0 if s is None else float(s[i if s.shape[0] > 1 else 0,
+                                                                              j if s.shape[1] > 1 else 0]))
             x = float(w[i, j])
             out[i, j] = x * decay - u if decay_mode == "before" else (x - u) * decay
     return out
@@ -78,8 +96,8 @@ def float64_formula(w, a, b, e, *, alpha, beta, decay, decay_mode):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("decay_mode", ["before", "after"])
-@pytest.mark.parametrize("with_extra", [False, True])
-def test_matches_float64_formula(backend, decay_mode, with_extra, monkeypatch):
+@pytest.mark.parametrize(("with_extra", "scale"), [(False, None), (True, None), (True, "row"), (True, "column")])
+def test_matches_float64_formula(backend, decay_mode, with_extra, scale, monkeypatch):
     monkeypatch.setenv("HFX_KERNELS", backend)
     if backend == "triton":
         from hfx_kernels.testing import triton_runnable
@@ -94,9 +112,11 @@ def test_matches_float64_formula(backend, decay_mode, with_extra, monkeypatch):
     a = torch.randn(m, r, dtype=torch.float64, device=dev)
     b = torch.randn(r, n, dtype=torch.float64, device=dev)
     e = torch.randn(m, n, dtype=torch.float64, device=dev) if with_extra else None
+    s = None if scale is None else torch.randn((m, 1) if scale == "row" else (1, n), dtype=torch.float64, device=dev)
     hyper = dict(alpha=0.0123, beta=0.4, decay=1 - 1e-2 * 0.1, decay_mode=decay_mode)
-    want = float64_formula(w.cpu(), a.cpu(), b.cpu(), None if e is None else e.cpu(), **hyper)
-    K.projection_update(w, a, b, extra=e, **hyper)
+    want = float64_formula(w.cpu(), a.cpu(), b.cpu(), None if e is None else e.cpu(), s=None if s is None else s.cpu(),
+                           **hyper)
+    K.projection_update(w, a, b, extra=e, extra_scale=s, **hyper)
     torch.testing.assert_close(w.cpu(), want, rtol=1e-10, atol=1e-12)
 
 
@@ -150,6 +170,8 @@ def test_transposed_operands_need_no_copy(monkeypatch):
     (((4, 5), (4, 2), (3, 5)), {}, r"a is 4×2 and b is 3×5"),
     (((4, 5), (3, 2), (2, 5)), {}, r"a @ b is 3×5 but w is 4×5"),
     (((4, 5), (4, 2), (2, 5)), {"extra": (5, 4)}, r"extra has shape \(5, 4\)"),
+    (((4, 5), (4, 2), (2, 5)), {"extra": (4, 5), "extra_scale": (2, 5)}, r"must be \(4, 1\) .*\(1, 5\)"),
+    (((4, 5), (4, 2), (2, 5)), {"extra_scale": (1, 5)}, r"pass extra too"),
     (((20,), (4, 2), (2, 5)), {}, r"w must be 2-D"),
     (((4, 5), (4, 2), (2, 5)), {"decay_mode": "sideways"}, r"decay_mode 'sideways'"),
 ])
@@ -157,8 +179,7 @@ def test_transposed_operands_need_no_copy(monkeypatch):
 def test_bad_input(args, kwargs, message, backend, monkeypatch):
     monkeypatch.setenv("HFX_KERNELS", backend)
     tensors = [torch.zeros(s) for s in args]
-    if "extra" in kwargs:
-        kwargs = {**kwargs, "extra": torch.zeros(kwargs["extra"])}
+    kwargs = {k: torch.zeros(v) if k.startswith("extra") else v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=message):
         K.projection_update(*tensors, **kwargs)
 
@@ -172,15 +193,16 @@ def test_bad_dtype_and_overlapping_w():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("decay_mode", ["before", "after"])
-@pytest.mark.parametrize("with_extra", [False, True])
-def test_torch_path_addmm_form_equals_the_reference(dtype, decay_mode, with_extra, monkeypatch):
-    """The torch path's addmm form (W's dtype throughout) equals the plain reference."""
+@pytest.mark.parametrize(("with_extra", "scale"), [(False, None), (True, None), (True, "row"), (True, "column")])
+def test_torch_path_addmm_form_equals_the_reference(dtype, decay_mode, with_extra, scale, monkeypatch):
+    """The torch path's addmm (+ add_/addcmul_) form (W's dtype throughout) equals the plain reference."""
     monkeypatch.setenv("HFX_KERNELS", "torch")
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(9, 13, generator=gen, dtype=dtype)
     a, b = torch.randn(9, 4, generator=gen, dtype=dtype), torch.randn(4, 13, generator=gen, dtype=dtype)
     extra = torch.randn(9, 13, generator=gen, dtype=dtype) if with_extra else None
-    kw = dict(alpha=0.3, extra=extra, beta=0.7, decay=0.9, decay_mode=decay_mode)
+    s = None if scale is None else torch.randn((9, 1) if scale == "row" else (1, 13), generator=gen, dtype=dtype)
+    kw = dict(alpha=0.3, extra=extra, beta=0.7, decay=0.9, decay_mode=decay_mode, extra_scale=s)
     want = w.clone()
     K.projection_update_reference(want, a, b, **kw)
     K.projection_update(w, a, b, **kw)

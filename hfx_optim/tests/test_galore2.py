@@ -323,7 +323,8 @@ def test_dtensor_projected_parameter_is_refused_adamw_path_works(cpu_mesh):
         bias.grad, sharded_bias.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
         for opt in runs:
             opt.step()
-    torch.testing.assert_close(sharded_bias.full_tensor(), bias.detach(), rtol=0, atol=0)
+    # the DTensor takes the per-tensor torch formula, the local tensor torch's fused kernel: equal to rounding
+    torch.testing.assert_close(sharded_bias.full_tensor(), bias.detach(), rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -206,37 +206,65 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     check_same_shapes({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                       "adamw_step")
     steps = per_tensor_steps(steps, len(params))
+    step_sizes, eps_list = step_scalars(steps, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
+    decay = 1.0 - lr * weight_decay
     if use_triton([*params, *grads, *exp_avgs, *exp_avg_sqs], "adamw_step"):
         impl = adamw_step_triton
-    elif torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale):
-        torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps,
-                           weight_decay=weight_decay)
+    elif grad_scale is None and torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs) and (
+            forms := torch_fused_forms(steps, step_sizes, eps_list, betas, decay, decay_mode)) is not None:
+        _run_fused_forms(forms, params, grads, exp_avgs, exp_avg_sqs, steps, betas)
         return
     else:
         impl = adamw_step_reference
-    step_sizes, eps_list = step_scalars(steps, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
-    impl(params, grads, exp_avgs, exp_avg_sqs, step_sizes=step_sizes, eps=eps_list, betas=betas,
-         decay=1.0 - lr * weight_decay, decay_mode=decay_mode, grad_scale=grad_scale)
+    impl(params, grads, exp_avgs, exp_avg_sqs, step_sizes=step_sizes, eps=eps_list, betas=betas, decay=decay,
+         decay_mode=decay_mode, grad_scale=grad_scale)
 
 
-def torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, eps_mode, decay_mode, correct_bias, grad_scale) -> bool:
-    """Whether torch's own fused AdamW kernel computes exactly this step: torch.optim.AdamW's form, one dtype for
-    parameter, gradient and moments, no gradient scale (torch's divides instead of multiplying)."""
-    if (eps_mode, decay_mode, correct_bias, grad_scale) != ("torch", "before", True, None) or not params:
-        return False
-    return all(p.dtype == g.dtype == m.dtype == v.dtype and p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda")
-               for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
+def torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
+    """Whether torch's own fused AdamW kernel can take these tensors: one dtype for each parameter, its gradient and
+    moments, contiguous, on the CPU or CUDA."""
+    return bool(params) and all(
+        p.dtype == g.dtype == m.dtype == v.dtype and p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda")
+        and all(t.is_contiguous() for t in (p, g, m, v)) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
+
+
+def torch_fused_forms(steps: Sequence[int], step_sizes: Sequence[float], eps: Sequence[float],
+                      betas: tuple[float, float], decay: float, decay_mode: str) -> list[tuple[list[int], tuple]] | None:
+    """Torch's fused AdamW computes ``p * (1 - lr wd) - lr/bc1 * m / (sqrt(v/bc2) + eps)`` with its own bias
+    corrections at step t. Any step of the module docstring is that form with other scalars, exactly in real
+    arithmetic: ``lr = step_size * bc1 / sqrt(bc2)`` and ``eps / sqrt(bc2)`` (so both eps modes and
+    ``correct_bias=False``), and decay "after", ``(p - u) d = p d - d u``, is ``lr * d`` with ``lr wd = 1 - d``.
+    Returns ``(indices, (lr, weight_decay, eps))`` per group of tensors that share them (one per distinct step), or
+    None where no such form exists (a decay with a zero step: ``lr = 0``, or ``d = 0`` after the update)."""
+    groups: dict[tuple, list[int]] = {}
+    beta1, beta2 = betas
+    for i, t in enumerate(steps):
+        bc2_sqrt = math.sqrt(1.0 - beta2**t)
+        lr_t = step_sizes[i] * (1.0 - beta1**t) / bc2_sqrt * (decay if decay_mode == "after" else 1.0)
+        if decay != 1.0 and lr_t == 0.0:
+            return None
+        wd_t = 0.0 if decay == 1.0 else (1.0 - decay) / lr_t
+        groups.setdefault((lr_t, wd_t, eps[i] / bc2_sqrt), []).append(i)
+    return [(idx, scalars) for scalars, idx in groups.items()]
+
+
+def _run_fused_forms(forms, params, grads, exp_avgs, exp_avg_sqs, steps, betas) -> None:
+    for idx, (lr_t, wd_t, eps_t) in forms:
+        p, g, m, v, t = ([lst[i] for i in idx] for lst in (params, grads, exp_avgs, exp_avg_sqs, steps))
+        torch_fused_adamw(p, g, m, v, t, lr=lr_t, betas=betas, eps=eps_t, weight_decay=wd_t)
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay) -> None:
-    """The torch path's fast form: ``torch._fused_adamw_``, the kernel behind ``torch.optim.AdamW(fused=True)``."""
+def torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay,
+                      grad_divisor: Tensor | None = None) -> None:
+    """The torch path's fast form: ``torch._fused_adamw_``, the kernel behind ``torch.optim.AdamW(fused=True)``.
+    ``grad_divisor`` (a float32 0-d tensor) divides every gradient inside the kernel, overwriting ``grads``."""
     state_steps = [torch.tensor(float(t), device=p.device) for p, t in zip(params, steps)]
     torch._fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], state_steps, lr=lr,
                         beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
-                        maximize=False)
+                        maximize=False, grad_scale=grad_divisor)
 
 
 def adam_direction(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], *,
@@ -247,28 +275,18 @@ def adam_direction(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_
     ``out`` (new tensors of the moments' dtype by default). Triton on CUDA, torch elsewhere."""
     check_same_shapes({"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, "adam_direction")
     out = list(out) if out is not None else [torch.empty_like(m) for m in exp_avgs]
-    factors, eps_list = step_scalars(per_tensor_steps(steps, len(grads), "adam_direction"), lr=1.0, betas=betas,
-                                     eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
+    steps = per_tensor_steps(steps, len(grads), "adam_direction")
+    factors, eps_list = step_scalars(steps, lr=1.0, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
     tensors = [*grads, *exp_avgs, *exp_avg_sqs, *out]
     if use_triton(tensors, "adam_direction"):
         adamw_step_triton(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas, out=out)
-    elif tensors and all(t.dtype == grads[0].dtype and t.dtype in (torch.float32, torch.float64) for t in tensors):
-        _adam_direction_foreach(grads, exp_avgs, exp_avg_sqs, eps_list, betas, out)
+    elif (all(t.dtype == grads[0].dtype and t.dtype in (torch.float32, torch.float64) for t in tensors)
+          and torch_fused_applies(out, grads, exp_avgs, exp_avg_sqs)):
+        # torch's fused AdamW on a zeroed "parameter" with step size -1 leaves exactly N in it (0 + 1 * N)
+        torch._foreach_zero_(out)
+        forms = torch_fused_forms(steps, [-1.0] * len(grads), eps_list, betas, 1.0, "before")
+        _run_fused_forms(forms, out, grads, exp_avgs, exp_avg_sqs, steps, betas)
     else:
         adamw_step_reference(None, grads, exp_avgs, exp_avg_sqs, step_sizes=factors, eps=eps_list, betas=betas,
                              out=out)
     return out, factors
-
-
-def _adam_direction_foreach(grads, exp_avgs, exp_avg_sqs, eps, betas, out) -> None:
-    """The torch path of :func:`adam_direction` in multi-tensor form (one dtype throughout): the reference's formula
-    by foreach ops, without its per-tensor temporaries."""
-    grads, exp_avgs, exp_avg_sqs, out = (list(x) for x in (grads, exp_avgs, exp_avg_sqs, out))
-    beta1, beta2 = betas
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_copy_(out, torch._foreach_div(exp_avgs, denom))

@@ -236,28 +236,35 @@ def mars_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grad
 def _fast_torch_applies(params, grads, prev_grads, exp_avgs, exp_avg_sqs) -> bool:
     """Whether the torch path can run in multi-tensor form: float32/float64 storage throughout (the reference computes
     bf16/fp16 tensors in float32, which foreach ops on them would not)."""
-    return (torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, "torch", "before", True, None)
+    return (torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs)
             and all(p.dtype in (torch.float32, torch.float64) and p.dtype == gp.dtype
                     for p, gp in zip(params, prev_grads)))
 
 
 def _mars_adamw_fast_torch(params, grads, prev_grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, gamma, eps,
                            weight_decay, store_grads) -> None:
-    """The torch path in multi-tensor form: ``c = (1+k) g - k g_prev`` and its norm clip by foreach ops, then torch's
-    fused AdamW kernel on ``c`` (the same formula as :func:`mars_step_reference`, a few times faster on the CPU)."""
+    """The torch path in multi-tensor form: ``c = g + k (g - g_prev)`` by one lerp, its norm by foreach ops, then
+    torch's fused AdamW kernel on ``c`` with the clip ``max(1, ||c||)`` as its gradient divisor (the same formula as
+    :func:`mars_step_reference`, a few times faster on the CPU). Passes over memory: 14 (lerp 3, norm 1, AdamW 8 as it writes the clipped c back,
+    copy into g_prev 2) against fused AdamW's 7; the Triton kernel's 11 need the norm and the update fused."""
     k = mars_k(gamma, betas[0])
     grads, prev_grads = list(grads), list(prev_grads)
     if store_grads:  # g_prev is overwritten with g below anyway: c is built in its buffer (no allocation)
         c = prev_grads
-        torch._foreach_mul_(c, -k)
-        torch._foreach_add_(c, grads, alpha=1.0 + k)
+        torch._foreach_lerp_(c, grads, 1.0 + k)  # weight >= 0.5: computed as g - (g - g_prev)(1 - w), i.e. g + k (g - g_prev)
     else:
-        c = torch._foreach_mul(grads, 1.0 + k)
-        torch._foreach_add_(c, prev_grads, alpha=-k)
-    norms = torch._foreach_norm(c)
+        c = torch._foreach_lerp(prev_grads, grads, 1.0 + k)
+    norms = [torch.dot(x.view(-1), x.view(-1)) for x in c]  # BLAS dot: ~2x faster than torch's norm on the CPU
+    torch._foreach_sqrt_(norms)
     torch._foreach_clamp_min_(norms, 1.0)
-    torch._foreach_div_(c, norms)
-    torch_fused_adamw(params, c, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    common = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if all(n.dtype == torch.float32 for n in norms):  # torch's kernel takes a float32 divisor: the clip rides in it
+        for i in range(len(params)):
+            torch_fused_adamw([params[i]], [c[i]], [exp_avgs[i]], [exp_avg_sqs[i]], [steps[i]], grad_divisor=norms[i],
+                              **common)
+    else:
+        torch._foreach_div_(c, norms)
+        torch_fused_adamw(params, c, exp_avgs, exp_avg_sqs, steps, **common)
     if store_grads:
         torch._foreach_copy_(prev_grads, grads)
 

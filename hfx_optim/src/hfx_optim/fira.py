@@ -82,7 +82,8 @@ def fira_adamw_step(
     Kernels (:mod:`hfx_kernels`): one multi-tensor ``adam_direction`` over the projected gradients of all
     parameters; per parameter, phi and the limiter in torch (the residual's norm from column norms,
     :func:`residual_norm`), then one ``projection_update`` applies ``lr * c * back(scale * N - kept * phi * R)``,
-    the state-free part ``lr * c * phi * G`` as the GEMM epilogue's extra term, and the decay.
+    the state-free part ``lr * c * phi * G`` as the GEMM epilogue's scaled extra term (``phi * G`` never formed),
+    and the decay.
     """
     steps = per_param(step, len(params))
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "lefts": lefts, "rights": rights,
@@ -111,7 +112,7 @@ def fira_adamw_step(
         # S = phi * (G - kept * back(R)) = phi * G - kept * back(phi * R): the in-subspace part joins N in the one
         # back-projection GEMM, so the residual is never formed (two GEMMs per step, as GaLore's).
         direction = (n * scale).sub_(r * phi, alpha=kept)
-        back_project_update(p, direction, left, right, alpha=lr * c, extra=g * phi.to(g.dtype), beta=lr * c,
+        back_project_update(p, direction, left, right, alpha=lr * c, extra=g, extra_scale=phi, beta=lr * c,
                             decay=1.0 - lr * weight_decay, decay_mode=decay_mode)
 
 

@@ -227,8 +227,10 @@ def compute_projectors(
 
 
 def back_project_update(p: Tensor, direction: Tensor, left: Tensor | None, right: Tensor | None, *, alpha: float,
-                        decay: float, decay_mode: str, extra: Tensor | None = None, beta: float = 1.0) -> None:
-    """``p <- p * decay - (alpha * back(direction) + beta * extra)`` (decay ``decay_mode`` the update) through
+                        decay: float, decay_mode: str, extra: Tensor | None = None, beta: float = 1.0,
+                        extra_scale: Tensor | None = None) -> None:
+    """``p <- p * decay - (alpha * back(direction) + beta * extra * extra_scale)`` (decay ``decay_mode`` the update,
+    ``extra_scale`` per row or column, optional) through
     :func:`hfx_kernels.projection.projection_update`: ``back`` is ``L N`` (``a = L``, ``b = N``), ``N Rt``
     (``a = N``, ``b = Rt``) or, two-sided, ``(L N) Rt`` with ``L N`` formed in torch."""
     if left is not None and right is not None:
@@ -239,4 +241,5 @@ def back_project_update(p: Tensor, direction: Tensor, left: Tensor | None, right
         a, b = direction, right
     from hfx_kernels.projection import projection_update  # the epilogue kernel (Triton on CUDA)
 
-    projection_update(p, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode)
+    projection_update(p, a, b, alpha=alpha, extra=extra, beta=beta, decay=decay, decay_mode=decay_mode,
+                      extra_scale=extra_scale)
