@@ -147,10 +147,39 @@ def part_step(names, hidden, layers, steps) -> list[str]:
         results[name] = time_steps(opt, model, steps)
         print(f"step {name}: {results[name] * 1000:.1f} ms", flush=True)
         del opt
+    if any(name in LOW_RANK for name in names):
+        results["GEMMs alone (rank hidden/4)"] = time_projection_gemms(model, hidden // 4, steps)
     fused = results["adamw_fused"]
     rows = [f"| {n} | {t * 1000:.1f} | {t / fused:.2f} | {t / results['adamw_foreach']:.2f} |" for n, t in results.items()]
     return [f"## Step time ({n_params / 1e6:.1f}M parameters, median of {steps} steps, between refreshes)", "",
             "| optimizer | step (ms) | ÷ AdamW fused | ÷ AdamW foreach |", "|---|---|---|---|", *rows, ""]
+
+
+def time_projection_gemms(model, rank: int, steps: int) -> float:
+    """The floor of a GaLore-style step between refreshes: only its two GEMMs per projected matrix (``R = P^T G`` or
+    ``G Q``, then ``W += P N`` or ``N Q^T`` in addmm_'s epilogue), on every Linear weight but the head, in fp32."""
+    gen = torch.Generator().manual_seed(0)
+    mats = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            m, n = module.weight.shape
+            basis = torch.randn(min(m, n), rank, generator=gen)  # the shorter side is projected (proj_type "std")
+            mats.append((torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen), basis, m >= n))
+
+    def step():
+        for w, g, basis, right in mats:
+            if right:
+                w.addmm_(g @ basis, basis.T, alpha=-1e-6)
+            else:
+                w.addmm_(basis, basis.T @ g, alpha=-1e-6)
+
+    step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def part_refresh(size, rank, repeats) -> list[str]:
