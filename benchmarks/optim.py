@@ -173,13 +173,18 @@ def time_projection_gemms(model, rank: int, steps: int) -> float:
             else:
                 w.addmm_(basis, basis.T @ g, alpha=-1e-6)
 
-    step()
-    times = []
-    for _ in range(steps):
+    return median_time(step, steps)
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    runs = []
+    for _ in range(repeats):
         t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        fn()
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
 
 
 def part_refresh(size, rank, repeats) -> list[str]:
@@ -187,16 +192,8 @@ def part_refresh(size, rank, repeats) -> list[str]:
 
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(size, size, generator=gen)
-    timings = {}
-    for label, fn in [("exact SVD", lambda: exact_svd(grad, rank)),
-                      ("randomized SVD", lambda: randomized_svd(grad, rank, seed=0))]:
-        fn()
-        runs = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - t)
-        timings[label] = statistics.median(runs)
+    timings = {"exact SVD": median_time(lambda: exact_svd(grad, rank), repeats),
+               "randomized SVD": median_time(lambda: randomized_svd(grad, rank, seed=0), repeats)}
     ratio = timings["exact SVD"] / timings["randomized SVD"]
     return [f"## Projection refresh ({size}×{size} fp32 gradient, rank {rank}, median of {repeats})", "",
             "| method | time (ms) |", "|---|---|", *[f"| {k} | {v * 1000:.1f} |" for k, v in timings.items()], "",
