@@ -206,7 +206,8 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     check_same_shapes({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                       "adamw_step")
     steps = per_tensor_steps(steps, len(params))
-    step_sizes, eps_list = step_scalars(steps, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode, correct_bias=correct_bias)
+    step_sizes, eps_list = step_scalars(steps, lr=lr, betas=betas, eps=eps, eps_mode=eps_mode,
+                                        correct_bias=correct_bias)
     decay = 1.0 - lr * weight_decay
     if use_triton([*params, *grads, *exp_avgs, *exp_avg_sqs], "adamw_step"):
         impl = adamw_step_triton
@@ -229,7 +230,8 @@ def torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
 
 
 def torch_fused_forms(steps: Sequence[int], step_sizes: Sequence[float], eps: Sequence[float],
-                      betas: tuple[float, float], decay: float, decay_mode: str) -> list[tuple[list[int], tuple]] | None:
+                      betas: tuple[float, float], decay: float,
+                      decay_mode: str) -> list[tuple[list[int], tuple]] | None:
     """Torch's fused AdamW computes ``p * (1 - lr wd) - lr/bc1 * m / (sqrt(v/bc2) + eps)`` with its own bias
     corrections at step t. Any step of the module docstring is that form with other scalars, exactly in real
     arithmetic: ``lr = step_size * bc1 / sqrt(bc2)`` and ``eps / sqrt(bc2)`` (so both eps modes and

@@ -243,15 +243,17 @@ def _fast_torch_applies(params, grads, prev_grads, exp_avgs, exp_avg_sqs) -> boo
 
 def _mars_adamw_fast_torch(params, grads, prev_grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, gamma, eps,
                            weight_decay, store_grads) -> None:
-    """The torch path in multi-tensor form: ``c = g + k (g - g_prev)`` by one lerp, its norm by foreach ops, then
+    """The torch path in multi-tensor form: ``c = g + k (g - g_prev)`` by one lerp, its norm by a BLAS dot, then
     torch's fused AdamW kernel on ``c`` with the clip ``max(1, ||c||)`` as its gradient divisor (the same formula as
-    :func:`mars_step_reference`, a few times faster on the CPU). Passes over memory: 14 (lerp 3, norm 1, AdamW 8 as it writes the clipped c back,
-    copy into g_prev 2) against fused AdamW's 7; the Triton kernel's 11 need the norm and the update fused."""
+    :func:`mars_step_reference`, a few times faster on the CPU). Passes over memory: 14 (lerp 3, dot 1, AdamW 8 as
+    it writes the clipped c back, copy into g_prev 2) against fused AdamW's 7; the Triton kernel's 11 need the norm
+    and the update fused."""
     k = mars_k(gamma, betas[0])
     grads, prev_grads = list(grads), list(prev_grads)
     if store_grads:  # g_prev is overwritten with g below anyway: c is built in its buffer (no allocation)
         c = prev_grads
-        torch._foreach_lerp_(c, grads, 1.0 + k)  # weight >= 0.5: computed as g - (g - g_prev)(1 - w), i.e. g + k (g - g_prev)
+        # weight >= 0.5: lerp computes g - (g - g_prev)(1 - w), i.e. g + k (g - g_prev), the reference's form
+        torch._foreach_lerp_(c, grads, 1.0 + k)
     else:
         c = torch._foreach_lerp(prev_grads, grads, 1.0 + k)
     norms = [torch.dot(x.view(-1), x.view(-1)) for x in c]  # BLAS dot: ~2x faster than torch's norm on the CPU
