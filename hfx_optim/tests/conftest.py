@@ -88,6 +88,22 @@ def train_all():
     return run
 
 
+@pytest.fixture
+def cpu_mesh(tmp_path):
+    """A one-process gloo device mesh on the CPU, for DTensor (FSDP2-style) parameters."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(params=["torch", "triton"])
 def kernel_backend(request, monkeypatch):
     """Runs a test on both kernel paths (``HFX_KERNELS``): torch, and Triton (its interpreter on a CPU-only machine;

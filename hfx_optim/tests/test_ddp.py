@@ -1,5 +1,6 @@
 """Every hfx-optim optimizer under DDP (2 CPU processes, gloo): trains, and both ranks end with identical weights
-(the projections, subspace choices and stochastic rounding draw the same on every rank)."""
+(the projections, subspace choices and stochastic rounding draw the same on every rank). And the optimizers that
+accept FSDP2 (DTensor) shards step on them like on whole tensors."""
 
 from __future__ import annotations
 
@@ -30,3 +31,18 @@ def test_all_optimizers_identical_on_both_ranks(tmp_path):
     for name in names:
         assert rank0[name]["world"] == 2 and rank0[name]["changed"] > 0, name
         assert rank0[name] == rank1[name], name  # bit-identical weights on both ranks
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_parameters_step_like_whole_ones(tmp_path):
+    """DTensor parameters sharded over 2 processes (as FSDP2 shards them) step like whole tensors: MARS's per-tensor
+    norm is all-reduced across the shards (with the gradient norm above 1, a per-shard clip would differ)."""
+    out = tmp_path / "fsdp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(HERE / "fsdp2_step.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        diffs = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert sorted(diffs) == ["frugal_block", "mars_adamw", "mars_lion"]
+        assert max(diffs.values()) <= 1e-6, diffs

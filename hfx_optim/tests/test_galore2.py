@@ -281,21 +281,6 @@ def test_sft_trainer_with_optimizer_cls_and_kwargs(registry, sft_trainer, train_
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cpu_mesh(tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_dtensor_projected_parameter_is_refused_adamw_path_works(cpu_mesh):
     from torch.distributed.tensor import Shard, distribute_tensor
 

@@ -630,3 +630,38 @@ def test_step_returns_closure_loss_and_loss_decreases_on_quadratic():
 
     losses = [opt.step(closure).item() for _ in range(60)]
     assert losses[-1] < 0.1 * losses[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# DTensor (FSDP2): adamw and lion step like unsharded tensors; shampoo refuses sharded matrices
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mars_type", ["adamw", "lion"])
+def test_dtensor_parameters_step_like_plain_ones(cpu_mesh, mars_type):
+    """One process, so the shard is the whole tensor: this pins that the DTensor path runs and computes the same step
+    (the slow 2-process test in test_ddp.py checks that the norms are all-reduced across real shards)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    plain = [nn.Parameter(torch.linspace(-1, 1, 24).reshape(6, 4)), nn.Parameter(torch.linspace(0, 1, 5))]
+    sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), cpu_mesh, [Shard(0)])) for p in plain]
+    runs = [MARS(ps, lr=0.1, mars_type=mars_type, weight_decay=0.1) for ps in (plain, sharded)]
+    for t in range(3):
+        for p, s in zip(plain, sharded):
+            g = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (t + 1)).reshape(p.shape) * 3  # clip fires
+            p.grad, s.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
+        for opt in runs:
+            opt.step()
+    for p, s in zip(plain, sharded):
+        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_dtensor_shampoo_matrix_is_refused(cpu_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = nn.Parameter(distribute_tensor(torch.ones(6, 4), cpu_mesh, [Shard(0)]))
+    opt = MARS([{"params": [w], "param_names": ["fc.weight"]}], mars_type="shampoo")
+    w.grad = distribute_tensor(torch.ones(6, 4), cpu_mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=r"'fc\.weight'.*is a DTensor.*mars_type='adamw' or 'lion'"):
+        opt.step()
+    assert not opt.state

@@ -40,11 +40,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter or gradient)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def use_triton(tensors: Sequence[Tensor], kernel: str) -> bool:
     """Whether ``kernel`` runs its Triton implementation on ``tensors`` (all its tensor arguments) under the backend
-    in force. "auto" keeps strided tensors (e.g. channels-last weights) on the torch path, which takes any layout."""
+    in force. "auto" keeps strided tensors (e.g. channels-last weights) on the torch path, which takes any layout.
+    DTensors (FSDP2 shards) always take the torch path: the kernels index local storage, while torch's DTensor
+    dispatch all-reduces what spans shards (e.g. MARS's per-tensor norm)."""
     backend = hfx.kernel_backend()
-    if backend == "torch" or not tensors:
+    if backend == "torch" or not tensors or any(is_dtensor(t) for t in tensors):
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":

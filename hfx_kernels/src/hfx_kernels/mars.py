@@ -39,6 +39,7 @@ from hfx_kernels._backend import (
     check_same_shapes,
     compute_dtype,
     group_by_dtype,
+    is_dtensor,
     tl,
     tl_dtype,
     triton,
@@ -69,7 +70,7 @@ def mars_step_reference(params, grads, prev_grads, exp_avgs, exp_avg_sqs, *, k, 
         c_dtype = compute_dtype(p.dtype)
         g32 = g.to(c_dtype)
         c = (g32 - g_prev.to(c_dtype)).mul_(k).add_(g32)
-        c.div_(torch.linalg.vector_norm(c).clamp_(min=1.0))
+        c.div_(torch.clamp(torch.linalg.vector_norm(c), min=1.0))  # out of place: a DTensor's norm is all-reduced
         m32 = m.to(c_dtype).mul_(beta1).add_(c, alpha=1.0 - beta1)
         if update == "lion":
             d = m32.sign()
@@ -235,9 +236,10 @@ def mars_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grad
 
 def _fast_torch_applies(params, grads, prev_grads, exp_avgs, exp_avg_sqs) -> bool:
     """Whether the torch path can run in multi-tensor form: float32/float64 storage throughout (the reference computes
-    bf16/fp16 tensors in float32, which foreach ops on them would not)."""
+    bf16/fp16 tensors in float32, which foreach ops on them would not), and no DTensor (the reference's out-of-place
+    norm is what all-reduces a sharded tensor's norm)."""
     return (torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs)
-            and all(p.dtype in (torch.float32, torch.float64) and p.dtype == gp.dtype
+            and all(p.dtype in (torch.float32, torch.float64) and p.dtype == gp.dtype and not is_dtensor(p)
                     for p, gp in zip(params, prev_grads)))
 
 

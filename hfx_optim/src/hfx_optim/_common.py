@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hfx_kernels._backend import is_dtensor as _backend_is_dtensor
+
 Steps = int | Sequence[int]
 Group = dict[str, Any]
 
@@ -170,10 +172,4 @@ def complex_param_error(optimizer: str, what: str) -> ValueError:
                       "instead")
 
 
-def is_dtensor(t: Tensor) -> bool:
-    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+is_dtensor = _backend_is_dtensor  # whether a tensor is a DTensor (FSDP2 shard); one definition, the kernels' too

@@ -40,7 +40,9 @@ from ._common import (
     check_betas,
     check_bool,
     complex_param_error,
+    describe_param,
     finish_added_group,
+    is_dtensor,
     params_with_grad,
     per_param,
     run_closure,
@@ -77,7 +79,8 @@ def mars_correction(grad: Tensor, prev_grad: Tensor, *, gamma: float, beta1: flo
     k = gamma * beta1 / (1.0 - beta1)
     c = torch.sub(grad, prev_grad).mul_(k).add_(grad)
     # c / max(1, ||c||) equals the official `if norm > 1: c = c / norm` and needs no device-to-host sync
-    return c.div_(torch.linalg.vector_norm(c).clamp_(min=1.0))
+    # (out of place: a DTensor's norm is then all-reduced across its shards)
+    return c.div_(torch.clamp(torch.linalg.vector_norm(c), min=1.0))
 
 
 def _corrected(g: Tensor, g_prev: Tensor, *, gamma: float, beta1: float, store_grads: bool) -> Tensor:
@@ -292,6 +295,13 @@ class MARS(torch.optim.Optimizer):
     ``exp_avg``, ``exp_avg_sq`` (not for Lion or Shampoo matrices), ``prev_grad`` (MARS path: g_prev; in exact mode
     only while one is pending) and ``next_prev_grad`` (exact mode, after :meth:`set_prev_grads`).
     Memory on the MARS path: 3 buffers per parameter in approximate mode (AdamW keeps 2), 4 in exact mode.
+
+    Distributed: DDP works (every rank computes the same step). FSDP2 (DTensor) works for "adamw" and "lion": the
+    state is created from the sharded parameter at the first step and each tensor's norm is all-reduced across its
+    shards, so a sharded run steps like an unsharded one; those tensors take the torch path (the Triton kernel
+    indexes local storage). "shampoo" refuses sharded matrices (Newton-Schulz needs the whole matrix). FSDP1 with
+    ``use_orig_params=False`` and DeepSpeed ZeRO flatten parameters to 1-D, which puts them on the AdamW path: use
+    FSDP2 or DDP with MARS.
     """
 
     def __init__(
@@ -465,10 +475,17 @@ class MARS(torch.optim.Optimizer):
         return group["optimize_1d"] or p.ndim == 2
 
     def _check_grads(self, supplied: dict[int, Tensor]) -> None:
-        for group, _, p in params_with_grad(self.param_groups):
+        for group, i, p in params_with_grad(self.param_groups):
             if p.grad.is_sparse:
                 raise sparse_grad_error("MARS", f"parameter of shape {tuple(p.shape)}",
                                         ", or another optimizer for that parameter")
+            if group["mars_type"] == "shampoo" and p.ndim == 2 and is_dtensor(p):
+                raise ValueError(
+                    f"MARS: {describe_param(group, i, p)} is a DTensor (FSDP2-sharded, placements "
+                    f"{tuple(p.placements)}); mars_type='shampoo' orthogonalises whole matrices (Newton-Schulz), which "
+                    "a shard is not. Use mars_type='adamw' or 'lion' (elementwise, per-tensor norms all-reduced: "
+                    "they work on FSDP2 shards), or train with DDP."
+                )
             state = self.state.get(p, {})
             if (
                 not group["is_approx"]
