@@ -665,3 +665,15 @@ def test_dtensor_shampoo_matrix_is_refused(cpu_mesh):
     with pytest.raises(ValueError, match=r"'fc\.weight'.*is a DTensor.*mars_type='adamw' or 'lion'"):
         opt.step()
     assert not opt.state
+
+
+def test_fsdp1_flattened_parameter_is_refused():
+    """FSDP1 marks its flat parameters (and, with use_orig_params=True, the 1-D views into them) ``_fsdp_flattened``:
+    MARS would otherwise silently run AdamW on them (1-D) with per-slice norms."""
+    w = nn.Parameter(torch.ones(12))
+    w._fsdp_flattened = True  # what torch.distributed.fsdp's _set_fsdp_flattened sets
+    opt = MARS([{"params": [w], "param_names": ["_fsdp_wrapped_module._flat_param"]}])
+    w.grad = torch.ones(12)
+    with pytest.raises(ValueError, match=r"'_fsdp_wrapped_module\._flat_param'.*flattened by FSDP1.*Use FSDP2"):
+        opt.step()
+    assert not opt.state

@@ -299,9 +299,9 @@ class MARS(torch.optim.Optimizer):
     Distributed: DDP works (every rank computes the same step). FSDP2 (DTensor) works for "adamw" and "lion": the
     state is created from the sharded parameter at the first step and each tensor's norm is all-reduced across its
     shards, so a sharded run steps like an unsharded one; those tensors take the torch path (the Triton kernel
-    indexes local storage). "shampoo" refuses sharded matrices (Newton-Schulz needs the whole matrix). FSDP1 with
-    ``use_orig_params=False`` and DeepSpeed ZeRO flatten parameters to 1-D, which puts them on the AdamW path: use
-    FSDP2 or DDP with MARS.
+    indexes local storage). "shampoo" refuses sharded matrices (Newton-Schulz needs the whole matrix). FSDP1
+    flattens parameters into slices of a flat shard: MARS refuses them (use FSDP2 or DDP). DeepSpeed ZeRO also
+    flattens parameters to 1-D, which MARS cannot detect: they would all take the AdamW path; use FSDP2 or DDP.
     """
 
     def __init__(
@@ -479,6 +479,13 @@ class MARS(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise sparse_grad_error("MARS", f"parameter of shape {tuple(p.shape)}",
                                         ", or another optimizer for that parameter")
+            if getattr(p, "_fsdp_flattened", False):  # FSDP1 marks its flat parameters and the views into them
+                raise ValueError(
+                    f"MARS: {describe_param(group, i, p)} was flattened by FSDP1 (FullyShardedDataParallel): its "
+                    "gradient is a slice of a flat shard, so MARS cannot compute the parameter's norm or tell a "
+                    "matrix from a bias. Use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: fsdp_version: 2) "
+                    "or DDP."
+                )
             if group["mars_type"] == "shampoo" and p.ndim == 2 and is_dtensor(p):
                 raise ValueError(
                     f"MARS: {describe_param(group, i, p)} is a DTensor (FSDP2-sharded, placements "
