@@ -1,7 +1,8 @@
 """Run under `torchrun --nproc_per_node 2`: optimizers on DTensor-sharded parameters (Shard(0) over 2 CPU processes,
 gloo, as FSDP2 shards them; uneven shards included) against the same optimizers on whole tensors in this process.
-Every rank writes the largest difference per optimizer, so the test can check that what spans shards (MARS's
-per-tensor norm) is all-reduced: a per-shard norm would clip each half differently."""
+Every rank writes the largest difference per optimizer, so the test can check that what spans shards is combined
+across them: MARS's per-tensor norm (a per-shard norm would clip each half differently) and GaLore 2's subspace (a
+per-shard sketch would give each rank its own basis)."""
 
 import json
 import sys
@@ -13,24 +14,26 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from hfx.testing import finish_distributed
-from hfx_optim import FRUGAL, MARS
+from hfx_optim import FRUGAL, MARS, GaLore2
 
 BUILD = {
     "mars_adamw": lambda params: MARS(params, lr=0.1, weight_decay=0.1),
     "mars_lion": lambda params: MARS(params, lr=0.1, mars_type="lion"),
     "frugal_block": lambda params: FRUGAL([{"params": params, "hfx_target": True, "density": 0.5}], lr=0.1),
+    "galore2_right": lambda params: GaLore2([{"params": params[:1], "rank": 2, "update_proj_gap": 2},
+                                             {"params": params[1:]}], lr=0.1, weight_decay=0.1),
 }
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 results = {}
 for name, build in BUILD.items():
-    whole = [nn.Parameter(torch.linspace(-1, 1, 24).reshape(6, 4)), nn.Parameter(torch.linspace(0, 1, 5))]
+    whole = [nn.Parameter(torch.linspace(-1, 1, 35).reshape(7, 5)), nn.Parameter(torch.linspace(0, 1, 5))]
     sharded = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in whole]
     runs = [build(whole), build(sharded)]
-    for t in range(3):
+    for t in range(5):  # GaLore 2 refreshes before steps 1, 3 and 5
         for p, s in zip(whole, sharded):
-            g = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (t + 1)).reshape(p.shape) * 3  # norm > 1
+            g = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (t + 1) + t).reshape(p.shape) * 3  # norm > 1
             p.grad, s.grad = g, distribute_tensor(g, mesh, [Shard(0)])
         for opt in runs:
             opt.step()

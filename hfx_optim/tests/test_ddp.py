@@ -36,7 +36,8 @@ def test_all_optimizers_identical_on_both_ranks(tmp_path):
 @pytest.mark.slow
 def test_fsdp2_sharded_parameters_step_like_whole_ones(tmp_path):
     """DTensor parameters sharded over 2 processes (as FSDP2 shards them) step like whole tensors: MARS's per-tensor
-    norm is all-reduced across the shards (with the gradient norm above 1, a per-shard clip would differ)."""
+    norm is all-reduced across the shards (with the gradient norm above 1, a per-shard clip would differ), and
+    GaLore 2's right basis is sketched across them (a per-shard basis would differ), through 3 refreshes."""
     out = tmp_path / "fsdp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(HERE / "fsdp2_step.py"), str(out)]
@@ -44,5 +45,5 @@ def test_fsdp2_sharded_parameters_step_like_whole_ones(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         diffs = json.loads(Path(f"{out}.rank{rank}").read_text())
-        assert sorted(diffs) == ["frugal_block", "mars_adamw", "mars_lion"]
+        assert sorted(diffs) == ["frugal_block", "galore2_right", "mars_adamw", "mars_lion"]
         assert max(diffs.values()) <= 1e-6, diffs

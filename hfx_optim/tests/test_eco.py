@@ -645,3 +645,31 @@ def test_sparse_gradients_are_refused_before_any_state_changes():
     with pytest.raises(RuntimeError, match=r"does not support sparse gradients.*sparse=False"):
         opt.step()
     assert not opt.state
+
+
+def test_dtensor_unquantized_group_steps_like_plain_and_quantized_one_is_refused(cpu_mesh):
+    """FSDP2 (DTensor) parameters: an unquantized group's AdamW steps like on plain tensors (its moments are created
+    sharded like the parameter); a quantized DTensor is refused at step(), naming the parameter and the fix."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    bias = nn.Parameter(torch.linspace(-1, 1, 6))
+    sharded = nn.Parameter(distribute_tensor(bias.detach().clone(), cpu_mesh, [Shard(0)]))
+    runs = [ECO([{"params": [nn.Parameter(torch.ones(3, 3))]}, {"params": [b], "quantize": False}], lr=0.1)
+            for b in (bias, sharded)]
+    for t in range(3):
+        g = torch.cos(torch.arange(6.0) * (t + 1))
+        bias.grad, sharded.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
+        for opt in runs:
+            opt.param_groups[0]["params"][0].grad = torch.ones(3, 3)
+            opt.step()
+    torch.testing.assert_close(sharded.full_tensor(), bias.detach(), rtol=1e-6, atol=1e-7)
+    assert isinstance(runs[1].state[sharded]["exp_avg"], DTensor)
+
+    w = nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
+    opt = ECO([{"params": [("fc.weight", w)]}], lr=0.1)
+    w_sharded = nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), cpu_mesh, [Shard(0)]))
+    opt.param_groups[0]["params"][0] = w_sharded  # FSDP2 swaps DTensors in after construction
+    w_sharded.grad = distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), cpu_mesh, [Shard(0)])
+    with pytest.raises(RuntimeError, match=r"fc\.weight.*DTensor \(FSDP2-sharded\) parameters are not supported"):
+        opt.step()
+    assert not opt.state

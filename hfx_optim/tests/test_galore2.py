@@ -277,39 +277,66 @@ def test_sft_trainer_with_optimizer_cls_and_kwargs(registry, sft_trainer, train_
 
 
 # --------------------------------------------------------------------------------------------------
-# DTensor (FSDP2): refused on the projected path with a clear error, accepted on the AdamW path
+# DTensor (FSDP2): row shards take the right projection without gathering; other layouts are refused clearly
 # --------------------------------------------------------------------------------------------------
 
 
-def test_dtensor_projected_parameter_is_refused_adamw_path_works(cpu_mesh):
-    from torch.distributed.tensor import Shard, distribute_tensor
+def test_dtensor_row_shards_step_like_whole_matrices(cpu_mesh):
+    """One process (the shard is the whole matrix): the sharded path (local projection, row-sharded moments,
+    sketch across shards) gives the whole-matrix result through two refreshes, projected and AdamW groups alike.
+    The slow 2-process test in test_ddp.py splits the rows for real."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    sharded_w = nn.Parameter(distribute_tensor(torch.ones(6, 4), cpu_mesh, [Shard(0)]))
-    with pytest.raises(ValueError, match=r"parameter 'fc\.weight' \(shape 6×4\) is a DTensor \(FSDP2-sharded.*"
-                                         r"Train it with DDP.*leave this module out of target_modules"):
-        GaLore2([{"params": [("fc.weight", sharded_w)], "rank": 2}])
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        return [nn.Parameter(torch.randn(7, 5, generator=gen)), nn.Parameter(torch.randn(6, generator=gen))]
 
-    # FSDP2 swaps DTensors in after the optimizer is built: refused at step(), before any state changes
-    plain = nn.Parameter(torch.ones(6, 4))
-    opt = GaLore2([{"params": [("fc.weight", plain)], "rank": 2}])
-    opt.param_groups[0]["params"][0] = sharded_w
-    sharded_w.grad = distribute_tensor(torch.ones(6, 4), cpu_mesh, [Shard(0)])
-    with pytest.raises(ValueError, match=r"'fc\.weight'.*is a DTensor"):
-        opt.step()
-    assert not opt.state
-
-    bias, sharded_bias = (nn.Parameter(torch.linspace(-1, 1, 6)) for _ in range(2))
-    sharded_bias = nn.Parameter(distribute_tensor(sharded_bias.detach(), cpu_mesh, [Shard(0)]))
-    anchor = [nn.Parameter(torch.ones(3, 3)) for _ in range(2)]
-    runs = [GaLore2([{"params": [a], "rank": 1}, {"params": [p]}], lr=0.1, weight_decay=0.1)
-            for a, p in ((anchor[0], bias), (anchor[1], sharded_bias))]
-    for t in range(3):
-        g = torch.cos(torch.arange(6.0) * (t + 1))
-        bias.grad, sharded_bias.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
+    plain, sharded = params(), [nn.Parameter(distribute_tensor(p.detach(), cpu_mesh, [Shard(0)])) for p in params()]
+    runs = [GaLore2([{"params": [ps[0]], "rank": 2, "update_proj_gap": 2}, {"params": [ps[1]]}], lr=0.1,
+                    weight_decay=0.1) for ps in (plain, sharded)]
+    for t in range(5):
+        for p, s in zip(plain, sharded):
+            g = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (t + 1) + t).reshape(p.shape)
+            p.grad, s.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
         for opt in runs:
             opt.step()
-    # the DTensor takes the per-tensor torch formula, the local tensor torch's fused kernel: equal to rounding
-    torch.testing.assert_close(sharded_bias.full_tensor(), bias.detach(), rtol=1e-6, atol=1e-7)
+    for p, s in zip(plain, sharded):
+        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-6)
+    state = runs[1].state[sharded[0]]
+    assert state["refreshes"] == 3 and isinstance(state["exp_avg"], DTensor)
+    assert state["exp_avg"].placements == (Shard(0),) and tuple(state["exp_avg"].shape) == (7, 2)
+    torch.testing.assert_close(state["proj_right"].full_tensor(), runs[0].state[plain[0]]["proj_right"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dtensor_layouts_the_projection_cannot_take_are_refused(cpu_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hfx_optim import Fira
+
+    def sharded(rows, cols, dim=0):
+        return nn.Parameter(distribute_tensor(torch.ones(rows, cols), cpu_mesh, [Shard(dim)]))
+
+    cases = [
+        (GaLore2, sharded(4, 6), {}, r"'fc\.weight' \(shape 4×6\) is row-sharded \(FSDP2\) and proj_type='std' "
+                                     r"projects its rows.*Pass proj_type='right'"),
+        (GaLore2, sharded(6, 4), {"svd": "exact"}, r"svd='exact' needs the whole matrix; pass svd='randomized'"),
+        (GaLore2, sharded(6, 4, dim=1), {}, r"placements \(Shard\(dim=1\),\).*takes row shards"),
+        (Fira, sharded(6, 4), {}, r"'fc\.weight'.*is a DTensor.*Fira needs whole matrices.*Train it with DDP"),
+    ]
+    for cls, w, options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cls([{"params": [("fc.weight", w)], "rank": 2, **options}])
+
+    # FSDP2 swaps DTensors in after the optimizer is built: refused at step(), before any state changes
+    plain = nn.Parameter(torch.ones(4, 6))
+    opt = GaLore2([{"params": [("fc.weight", plain)], "rank": 2}])
+    w = sharded(4, 6)
+    opt.param_groups[0]["params"][0] = w
+    w.grad = distribute_tensor(torch.ones(4, 6), cpu_mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=r"'fc\.weight'.*is row-sharded"):
+        opt.step()
+    assert not opt.state
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from hfx_kernels._backend import (
     check_same_shapes,
     compute_dtype,
     group_by_dtype,
+    is_dtensor,
     tl,
     tl_dtype,
     triton,
@@ -223,10 +224,12 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
 
 def torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
     """Whether torch's own fused AdamW kernel can take these tensors: one dtype for each parameter, its gradient and
-    moments, contiguous, on the CPU or CUDA."""
+    moments, contiguous, on the CPU or CUDA, and no DTensor (the kernel's step counters here are plain tensors, which
+    DTensor dispatch refuses to mix; DTensors take the reference, op by op)."""
     return bool(params) and all(
         p.dtype == g.dtype == m.dtype == v.dtype and p.dtype in _FUSED_DTYPES and p.device.type in ("cpu", "cuda")
-        and all(t.is_contiguous() for t in (p, g, m, v)) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
+        and all(t.is_contiguous() and not is_dtensor(t) for t in (p, g, m, v))
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
 
 
 def torch_fused_forms(steps: Sequence[int], step_sizes: Sequence[float], eps: Sequence[float],

@@ -499,9 +499,15 @@ class ECO(torch.optim.Optimizer):
     def _new_state(self, group: dict[str, Any], p: Tensor, index: int, device=None) -> dict[str, Any]:
         device = p.device if device is None else device
         cdt = _compute_dtype(p)
-        state: dict[str, Any] = {"step": 0, "exp_avg": torch.zeros(p.shape, dtype=cdt, device=device)}
+
+        def moment() -> Tensor:  # zeros_like keeps an unquantized FSDP2 parameter's moments sharded like it
+            if device != p.device:
+                return torch.zeros(p.shape, dtype=cdt, device=device)
+            return torch.zeros_like(p, dtype=cdt, memory_format=torch.contiguous_format)
+
+        state: dict[str, Any] = {"step": 0, "exp_avg": moment()}
         if group["variant"] == "adam":
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=cdt, device=device)
+            state["exp_avg_sq"] = moment()
         if self._is_quantized(group, p):
             shape = _scale_shape(p.shape, group["scale_mode"], group["block_size"])
             state["scale"] = torch.zeros(shape, dtype=cdt, device=device)

@@ -171,6 +171,7 @@ class Fira(GaLore2):
     """
 
     _name = "Fira"
+    _takes_row_shards = False  # its norm-growth limiter sums over all rows: a shard would need an all-reduce
 
     def __init__(
         self,

@@ -58,9 +58,11 @@ from .projection import (
     SVD_METHODS,
     back_project_update,
     compute_projectors,
+    is_row_sharded,
     low_rank_shape,
     project,
     projection_sides,
+    sharded_right_basis,
     sketch_seed,
 )
 from .targets import TARGET_FLAG, ModelOptimizerFactory
@@ -297,13 +299,18 @@ class GaLore2(torch.optim.Optimizer):
     2*r*max(m,n)`` for "std" (basis on the short side, moments on the long side), ``r*max + 2*r*min`` for
     "reverse_std", ``r*(m+n) + 2*r*r`` for "full".
 
-    Distributed: DDP works (the same seeds on every rank). FSDP2 (DTensor) parameters in a projected group are
-    refused with an error (the subspace needs the whole matrix; the gather-free right projection of spec §3.2 is
-    not implemented yet); in AdamW groups they work. FSDP1 with flat parameters and DeepSpeed ZeRO hand the
-    optimizer 1-D shards, which a projected group refuses.
+    Distributed: DDP works (the same seeds on every rank). FSDP2 (DTensor parameters sharded by rows, ``Shard(0)``)
+    works with the right projection (``proj_type="right"``, or "std" on matrices with rows >= cols), without
+    gathering the gradient (spec §3.2): ``G_shard @ P^T``, the moments (row-sharded DTensors) and the
+    back-projection are local, and a refresh all-reduces only n×k and gathers m×k sketches
+    (:func:`hfx_optim.projection.sharded_right_basis`, the same basis as on the whole matrix). Other sharded
+    layouts, a left projection and ``svd="exact"`` are refused with an error that names the fix; AdamW groups take
+    any DTensor. FSDP1 with flat parameters and DeepSpeed ZeRO hand the optimizer 1-D shards, which a projected
+    group refuses.
     """
 
     _name = "GaLore2"
+    _takes_row_shards = True  # the gather-free right projection (Fira's limiter norm would need an all-reduce)
 
     def __init__(
         self,
@@ -392,12 +399,7 @@ class GaLore2(torch.optim.Optimizer):
     def _check_projectable(self, group: dict[str, Any], i: int, p: Tensor) -> None:
         what = describe_param(group, i, p)
         if is_dtensor(p):
-            raise ValueError(
-                f"{self._name}: {what} is a DTensor (FSDP2-sharded, placements {tuple(p.placements)}). The projected "
-                "path needs whole matrices and does not support sharded parameters yet. Train it with DDP instead "
-                "of FSDP2, or leave this module out of target_modules (its group then runs AdamW, which handles "
-                "DTensors)."
-            )
+            self._check_shards(group, what, p)
         if p.ndim != 2:
             raise ValueError(
                 f"{self._name}: {what} is in a projected group but is not 2-D; only matrices can be projected. "
@@ -412,6 +414,26 @@ class GaLore2(torch.optim.Optimizer):
                 f"{limit}. Pass a smaller rank (e.g. rank={max(1, limit // 4)}), or leave this module out of "
                 "target_modules."
             )
+
+    def _check_shards(self, group: dict[str, Any], what: str, p: Tensor) -> None:
+        """A projected DTensor: row shards (FSDP2's ``Shard(0)``) with the right projection and the randomized SVD,
+        or an error naming the fix."""
+        leave_out = ("or leave this module out of target_modules (its group then runs AdamW, which takes any "
+                     "DTensor)")
+        if not self._takes_row_shards:
+            raise ValueError(f"{self._name}: {what} is a DTensor (FSDP2-sharded, placements {tuple(p.placements)}); "
+                             f"{self._name} needs whole matrices. Train it with DDP instead of FSDP2, {leave_out}.")
+        if not is_row_sharded(p):
+            raise ValueError(f"{self._name}: {what} is a DTensor with placements {tuple(p.placements)} on a "
+                             f"{p.device_mesh.ndim}-D mesh; the projected path takes row shards on a 1-D mesh "
+                             f"(Shard(0), FSDP2's fully_shard). Shard it by rows, {leave_out}.")
+        if projection_sides(group["proj_type"], p.shape) != (False, True):
+            raise ValueError(f"{self._name}: {what} is row-sharded (FSDP2) and proj_type={group['proj_type']!r} "
+                             f"projects its rows; only the right projection keeps shards local. Pass "
+                             f"proj_type='right' (it projects the columns: moments of rows × rank), {leave_out}.")
+        if group["svd"] != "randomized":
+            raise ValueError(f"{self._name}: {what} is row-sharded (FSDP2) and svd='exact' needs the whole matrix; "
+                             f"pass svd='randomized' (it sketches across shards without gathering G), {leave_out}.")
 
     # -- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -444,10 +466,16 @@ class GaLore2(torch.optim.Optimizer):
     def _refresh(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         """New bases from the current gradient; moments allocated, kept or reset."""
         sides = projection_sides(group["proj_type"], p.shape)
-        left, right = compute_projectors(
-            p.grad, group["rank"], group["proj_type"], method=group["svd"], oversample=group["oversample"],
-            power_iters=group["power_iters"], seed=sketch_seed(state["seed"], state["refreshes"]), dtype=p.dtype,
-        )
+        sketch = dict(oversample=group["oversample"], power_iters=group["power_iters"],
+                      seed=sketch_seed(state["seed"], state["refreshes"]))
+        if is_dtensor(p):  # row shards: the right basis without gathering G, kept as a replicated DTensor
+            from torch.distributed.tensor import DTensor, Replicate
+
+            basis = sharded_right_basis(p.grad, group["rank"], **sketch)
+            left, right = None, DTensor.from_local(basis, p.device_mesh, [Replicate()], run_check=False)
+        else:
+            left, right = compute_projectors(p.grad, group["rank"], group["proj_type"], method=group["svd"],
+                                             dtype=p.dtype, **sketch)
         for key, basis in (("proj_left", left), ("proj_right", right)):
             if basis is None:
                 state.pop(key, None)
@@ -457,8 +485,7 @@ class GaLore2(torch.optim.Optimizer):
         state["last_refresh"] = state["step"]
         shape = low_rank_shape(p.shape, group["rank"], sides)
         if "exp_avg" not in state or tuple(state["exp_avg"].shape) != shape:
-            state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            state["exp_avg"], state["exp_avg_sq"] = (_zeros_like_rows(p, shape) for _ in range(2))
             state["adam_step"] = 0
         elif group["moments_on_refresh"] == "reset":
             state["exp_avg"].zero_()
@@ -479,12 +506,14 @@ class GaLore2(torch.optim.Optimizer):
                     self._refresh(group, p, state)
                 state["adam_step"] += 1
             state["step"] += 1
-            lists["p"].append(p)
-            lists["g"].append(p.grad)
-            lists["m"].append(state["exp_avg"])
-            lists["v"].append(state["exp_avg_sq"])
-            lists["left"].append(state.get("proj_left"))
-            lists["right"].append(state.get("proj_right"))
+            # a projected row-sharded DTensor steps on its local rows: every tensor below is then local
+            local = (lambda t: t if t is None else t.to_local()) if projected and is_dtensor(p) else (lambda t: t)
+            lists["p"].append(local(p))
+            lists["g"].append(local(p.grad))
+            lists["m"].append(local(state["exp_avg"]))
+            lists["v"].append(local(state["exp_avg_sq"]))
+            lists["left"].append(local(state.get("proj_left")))
+            lists["right"].append(local(state.get("proj_right")))
             lists["t"].append(state["adam_step"] if projected else state["step"])
             lists["state"].append(state)
         if lists["p"]:
@@ -504,6 +533,15 @@ class GaLore2(torch.optim.Optimizer):
 # --------------------------------------------------------------------------------------------------
 # Factory for Trainer(optimizer_cls_and_kwargs=...) and hfx_optimizer
 # --------------------------------------------------------------------------------------------------
+
+
+def _zeros_like_rows(p: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Zero moments of ``shape`` for ``p``: a DTensor sharded like ``p`` (by rows) when ``p`` is one."""
+    if not is_dtensor(p):
+        return torch.zeros(shape, dtype=p.dtype, device=p.device)
+    import torch.distributed.tensor as dt
+
+    return dt.zeros(shape, dtype=p.dtype, device_mesh=p.device_mesh, placements=p.placements)
 
 
 def factory_signature(optimizer_cls: type) -> inspect.Signature:

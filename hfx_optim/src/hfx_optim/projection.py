@@ -226,6 +226,37 @@ def compute_projectors(
     return left, right
 
 
+def is_row_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor sharded by rows on a 1-D mesh (``Shard(0)``: FSDP2's layout), the layout the
+    gather-free right projection takes."""
+    from torch.distributed.tensor import Shard
+
+    return t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
+
+
+def sharded_right_basis(grad: Tensor, rank: int, *, oversample: int = 8, power_iters: int = 2, seed: int) -> Tensor:
+    """The right GaLore basis (r×n, canonical signs) of a row-sharded DTensor gradient (m×n, ``Shard(0)``), the same
+    on every rank: :func:`randomized_svd` of ``grad^T`` step by step, with the same sketch, so it equals
+    :func:`compute_projectors` on the whole matrix up to the order of the sums (hfx optimizer spec §3.2, FSDP2
+    without gathering the gradient). Only small matrices cross ranks: ``G^T Ω`` and ``G^T Z`` are all-reduced
+    (n×k each) and ``G Q`` is gathered (m×k), with k = rank + oversample; G itself never moves."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = grad.device_mesh
+    a = grad.detach().to(svd_dtype(grad.dtype))
+    m, n = a.shape
+    k = min(rank + oversample, m, n)
+    rows = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731 - replicated m×k -> row shards (a slice)
+    times = lambda q: (a @ DTensor.from_local(q, mesh, [Replicate()], run_check=False)).full_tensor()  # noqa: E731
+    q = torch.linalg.qr((a.mT @ rows(gaussian_sketch(m, k, seed, dtype=a.dtype, device=a.device))).full_tensor()).Q
+    for _ in range(power_iters):
+        z = torch.linalg.qr(times(q)).Q
+        q = torch.linalg.qr((a.mT @ rows(z)).full_tensor()).Q
+    ub, _, _ = torch.linalg.svd(times(q).mT, full_matrices=False)
+    v = (q @ ub)[:, :rank]
+    return canonical_signs(v).mT.to(grad.dtype).contiguous()
+
+
 def back_project_update(p: Tensor, direction: Tensor, left: Tensor | None, right: Tensor | None, *, alpha: float,
                         decay: float, decay_mode: str, extra: Tensor | None = None, beta: float = 1.0,
                         extra_scale: Tensor | None = None) -> None:
