@@ -47,3 +47,19 @@ def test_fsdp2_sharded_parameters_step_like_whole_ones(tmp_path):
         diffs = json.loads(Path(f"{out}.rank{rank}").read_text())
         assert sorted(diffs) == ["frugal_block", "galore2_right", "mars_adamw", "mars_lion"]
         assert max(diffs.values()) <= 1e-6, diffs
+
+
+@pytest.mark.slow
+def test_fsdp2_fully_shard_training_matches_unsharded(tmp_path):
+    """A tiny Llama under FSDP2's ``fully_shard`` (2 processes; optimizers from their name-aware factories, state
+    created lazily from the DTensor parameters) trains like an unsharded copy fed the global batch: MARS, GaLore 2
+    (right projection, through 2 refreshes) and FRUGAL (block subspace)."""
+    out = tmp_path / "fsdp2_train"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+           str(HERE / "fsdp2_train.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        diffs = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert sorted(diffs) == ["frugal", "galore2", "mars"]
+        assert max(diffs.values()) <= 1e-5, diffs
