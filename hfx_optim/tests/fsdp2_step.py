@@ -1,8 +1,9 @@
 """Run under `torchrun --nproc_per_node 2`: optimizers on DTensor-sharded parameters (Shard(0) over 2 CPU processes,
 gloo, as FSDP2 shards them; uneven shards included) against the same optimizers on whole tensors in this process.
 Every rank writes the largest difference per optimizer, so the test can check that what spans shards is combined
-across them: MARS's per-tensor norm (a per-shard norm would clip each half differently) and GaLore 2's subspace (a
-per-shard sketch would give each rank its own basis)."""
+across them: MARS's per-tensor norm (a per-shard norm would clip each half differently), GaLore 2's and Fira's subspace (a per-shard
+sketch would give each rank its own basis) and Fira's limiter norm (a per-shard one would limit each half
+differently)."""
 
 import json
 import sys
@@ -14,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from hfx.testing import finish_distributed
-from hfx_optim import FRUGAL, MARS, GaLore2
+from hfx_optim import FRUGAL, MARS, Fira, GaLore2
 
 BUILD = {
     "mars_adamw": lambda params: MARS(params, lr=0.1, weight_decay=0.1),
@@ -22,6 +23,8 @@ BUILD = {
     "frugal_block": lambda params: FRUGAL([{"params": params, "hfx_target": True, "density": 0.5}], lr=0.1),
     "galore2_right": lambda params: GaLore2([{"params": params[:1], "rank": 2, "update_proj_gap": 2},
                                              {"params": params[1:]}], lr=0.1, weight_decay=0.1),
+    "fira_right": lambda params: Fira([{"params": params[:1], "rank": 2, "update_proj_gap": 2, "svd": "randomized"},
+                                       {"params": params[1:]}], lr=0.1, weight_decay=0.1),
 }
 
 dist.init_process_group("gloo")
@@ -33,7 +36,9 @@ for name, build in BUILD.items():
     runs = [build(whole), build(sharded)]
     for t in range(5):  # GaLore 2 refreshes before steps 1, 3 and 5
         for p, s in zip(whole, sharded):
-            g = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (t + 1) + t).reshape(p.shape) * 3  # norm > 1
+            i = torch.arange(p.numel(), dtype=torch.float32)
+            # norm > 1 (MARS clips); full rank (cos alone has rank 2: Fira's residual would be rounding noise)
+            g = (torch.cos(i * (t + 1) + t) + 0.5 * torch.sin(0.37 * (t + 1) * i * i)).reshape(p.shape) * 3
             p.grad, s.grad = g, distribute_tensor(g, mesh, [Shard(0)])
         for opt in runs:
             opt.step()

@@ -23,7 +23,7 @@ subspace refresh and validation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from .galore2 import (
     factory_signature,
     galore_adamw_step,
 )
-from .projection import PROJ_TYPES, back_project_update, project
+from .projection import PROJ_TYPES, back_project_update, project, sum_over
 from .targets import TARGET_FLAG, ModelOptimizerFactory
 
 __all__ = ["FIRA_PROJECTION_KEYS", "RESIDUAL_FORMS", "Fira", "FiraFactory", "fira_adamw_step"]
@@ -71,13 +71,15 @@ def fira_adamw_step(
     decay_mode: str = "after",
     residual: str = "official",
     norm_growth_limit: float | None = 1.01,
+    row_sums: Sequence[Callable[[Tensor], Tensor] | None] | None = None,
 ) -> None:
     """One Fira step on every (projected) tensor of ``params`` (in place).
 
     Exactly one of ``lefts[i]`` (m×r) and ``rights[i]`` (r×n) is a basis. ``scaling_norms[i]`` is a 0-d tensor
     holding ``||S||`` of the previous step after limiting, ``inf`` before the first step (so the limiter passes
     it through, like the official "no previous norm" branch); it is updated in place when the limiter is on
-    (``norm_growth_limit`` not None).
+    (``norm_growth_limit`` not None). ``row_sums[i]`` (optional) sums a 0-d tensor over the processes holding
+    parameter i's other rows: with row shards (FSDP2) the limiter's ``||S||`` is then the whole matrix's.
 
     Kernels (:mod:`hfx_kernels`): one multi-tensor ``adam_direction`` over the projected gradients of all
     parameters; per parameter, phi and the limiter in torch (the residual's norm from column norms,
@@ -97,15 +99,16 @@ def fira_adamw_step(
     factors = _adam(None, lows, exp_avgs, exp_avg_sqs, steps, betas=betas, eps=eps, eps_mode=eps_mode,
                     correct_bias=correct_bias, out=directions)
     kept = scale if residual == "official" else 1.0  # the share of back(R) the residual removes from G
-    for p, g, r, n, c, left, right, prev in zip(params, grads, lows, directions, factors, lefts, rights,
-                                                scaling_norms):
+    row_sums = row_sums or [None] * len(params)
+    for p, g, r, n, c, left, right, prev, row_sum in zip(params, grads, lows, directions, factors, lefts, rights,
+                                                         scaling_norms, row_sums):
         # phi lives on the dimension the projection keeps whole: columns for R = L^T G, rows for R = G Rt^T. Chosen
         # from the side, not from R's shape (the official shape test picks rows for a square R = r×n with r = n).
         dim = 0 if left is not None else 1
         r_norms = torch.linalg.vector_norm(r, dim=dim, keepdim=True)
         phi = torch.linalg.vector_norm(n, dim=dim, keepdim=True).div_(r_norms + _PHI_EPS)
         if norm_growth_limit is not None:
-            norm = residual_norm(g, r_norms, phi, kept, dim)
+            norm = residual_norm(g, r_norms, phi, kept, dim, row_sum=row_sum)
             limiter = (norm / (prev + _LIMITER_EPS)).clamp_(min=norm_growth_limit).div_(norm_growth_limit)
             phi = phi / limiter
             prev.copy_(norm / limiter)  # no host sync: the limiter stays a tensor
@@ -116,7 +119,8 @@ def fira_adamw_step(
                             decay=1.0 - lr * weight_decay, decay_mode=decay_mode)
 
 
-def residual_norm(grad: Tensor, low_norms: Tensor, phi: Tensor, kept: float, dim: int) -> Tensor:
+def residual_norm(grad: Tensor, low_norms: Tensor, phi: Tensor, kept: float, dim: int,
+                  row_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``||phi * (G - kept * back(R))||`` without forming the residual: with an orthonormal basis (GaLore's SVD or
     randomized SVD bases are) each column (row) j has ``||G_j - kept * back(R)_j||^2 = ||G_j||^2 - (2 kept - kept^2)
     ||R_j||^2``. ``low_norms`` are ``||R_j||``; computed in at least float32, clamped at 0 against rounding.
@@ -128,7 +132,8 @@ def residual_norm(grad: Tensor, low_norms: Tensor, phi: Tensor, kept: float, dim
     acc = torch.promote_types(grad.dtype, torch.float32)
     sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=acc).square_()
     sq.sub_(low_norms.to(acc).square(), alpha=2 * kept - kept * kept).clamp_(min=0)
-    return sq.mul_(phi.to(acc).square()).sum().sqrt_()
+    total = sq.mul_(phi.to(acc).square()).sum()
+    return (total if row_sum is None else row_sum(total)).sqrt_()
 
 class Fira(GaLore2):
     r"""Fira: GaLore-style low-rank Adam plus norm-based scaling of the gradient outside the subspace and a
@@ -157,6 +162,8 @@ class Fira(GaLore2):
         proj_type: "std", "reverse_std", "left" or "right". "full" is refused: phi needs one dimension the
             projection keeps whole.
         svd: "exact" (default: the official Fira projector is GaLore's exact SVD) or "randomized" (GaLore 2's).
+            FSDP2 row shards take GaLore2's gather-free right projection, which needs "randomized"; the limiter's
+            ``||S||`` is then summed over the shards (one scalar all-reduce per matrix and step).
         residual: which gradient the scaled residual starts from.
             "official" (default): ``G - scale * back(R)``, the official code, which produced the paper's results;
             with ``scale != 1`` it keeps ``(1 - scale)`` of the in-subspace gradient (75% at scale 0.25) and scales
@@ -171,7 +178,6 @@ class Fira(GaLore2):
     """
 
     _name = "Fira"
-    _takes_row_shards = False  # its norm-growth limiter sums over all rows: a shard would need an all-reduce
 
     def __init__(
         self,
@@ -236,7 +242,8 @@ class Fira(GaLore2):
         fira_adamw_step(
             lists["p"], lists["g"], lists["m"], lists["v"], lists["left"], lists["right"],
             [state["scaling_norm"] for state in lists["state"]], step=lists["t"], scale=group["scale"],
-            residual=group["residual"], norm_growth_limit=group["norm_growth_limit"], **self._common(group),
+            residual=group["residual"], norm_growth_limit=group["norm_growth_limit"],
+            row_sums=[None if mesh is None else sum_over(mesh) for mesh in lists["mesh"]], **self._common(group),
         )
 
 

@@ -305,12 +305,12 @@ class GaLore2(torch.optim.Optimizer):
     back-projection are local, and a refresh all-reduces only n×k and gathers m×k sketches
     (:func:`hfx_optim.projection.sharded_right_basis`, the same basis as on the whole matrix). Other sharded
     layouts, a left projection and ``svd="exact"`` are refused with an error that names the fix; AdamW groups take
-    any DTensor. FSDP1 with flat parameters and DeepSpeed ZeRO hand the optimizer 1-D shards, which a projected
+    any DTensor. :class:`hfx_optim.Fira` takes row shards the same way. FSDP1 with flat parameters and DeepSpeed ZeRO hand the optimizer 1-D shards, which a projected
     group refuses.
     """
 
     _name = "GaLore2"
-    _takes_row_shards = True  # the gather-free right projection (Fira's limiter norm would need an all-reduce)
+    _takes_row_shards = True  # the gather-free right projection of spec §3.2
 
     def __init__(
         self,
@@ -494,7 +494,7 @@ class GaLore2(torch.optim.Optimizer):
 
     def _step_group(self, group: dict[str, Any], first_index: int) -> None:
         projected = group[TARGET_FLAG]
-        lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "left", "right", "t", "state")}
+        lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "left", "right", "t", "state", "mesh")}
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -516,6 +516,7 @@ class GaLore2(torch.optim.Optimizer):
             lists["right"].append(local(state.get("proj_right")))
             lists["t"].append(state["adam_step"] if projected else state["step"])
             lists["state"].append(state)
+            lists["mesh"].append(p.device_mesh if projected and is_dtensor(p) else None)  # rows on other ranks
         if lists["p"]:
             self._update(group, lists)
 

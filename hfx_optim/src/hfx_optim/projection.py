@@ -24,6 +24,8 @@ sign would otherwise change the result from one LAPACK/cuSOLVER build (or from e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -35,12 +37,15 @@ __all__ = [
     "compute_projectors",
     "exact_svd",
     "gaussian_sketch",
+    "is_row_sharded",
     "low_rank_shape",
     "project",
     "project_back",
     "projection_sides",
     "randomized_svd",
+    "sharded_right_basis",
     "sketch_seed",
+    "sum_over",
     "svd_dtype",
 ]
 
@@ -232,6 +237,18 @@ def is_row_sharded(t: Tensor) -> bool:
     from torch.distributed.tensor import Shard
 
     return t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
+
+
+def sum_over(mesh) -> Callable[[Tensor], Tensor]:
+    """A function that sums a tensor over the processes of a 1-D device ``mesh`` (in place, returned): what turns a
+    row shard's partial sum (e.g. Fira's residual norm squared) into the whole matrix's."""
+    import torch.distributed as dist
+
+    def reduce(t: Tensor) -> Tensor:
+        dist.all_reduce(t, group=mesh.get_group())
+        return t
+
+    return reduce
 
 
 def sharded_right_basis(grad: Tensor, rank: int, *, oversample: int = 8, power_iters: int = 2, seed: int) -> Tensor:
