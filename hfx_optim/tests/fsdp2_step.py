@@ -2,8 +2,8 @@
 gloo, as FSDP2 shards them; uneven shards included) against the same optimizers on whole tensors in this process.
 Every rank writes the largest difference per optimizer, so the test can check that what spans shards is combined
 across them: MARS's per-tensor norm (a per-shard norm would clip each half differently), GaLore 2's and Fira's subspace (a per-shard
-sketch would give each rank its own basis) and Fira's limiter norm (a per-shard one would limit each half
-differently)."""
+sketch would give each rank its own basis), Fira's limiter norm (a per-shard one would limit each half
+differently) and ECO's stochastic rounding noise (each shard must draw the whole tensor's noise on its rows)."""
 
 import json
 import sys
@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from hfx.testing import finish_distributed
-from hfx_optim import FRUGAL, MARS, Fira, GaLore2
+from hfx_optim import ECO, FRUGAL, MARS, Fira, GaLore2
 
 BUILD = {
     "mars_adamw": lambda params: MARS(params, lr=0.1, weight_decay=0.1),
@@ -23,6 +23,8 @@ BUILD = {
     "frugal_block": lambda params: FRUGAL([{"params": params, "hfx_target": True, "density": 0.5}], lr=0.1),
     "galore2_right": lambda params: GaLore2([{"params": params[:1], "rank": 2, "update_proj_gap": 2},
                                              {"params": params[1:]}], lr=0.1, weight_decay=0.1),
+    "eco_int8": lambda params: ECO([{"params": params[:1]}, {"params": params[1:], "quantize": False}], lr=0.1,
+                                   weight_format="int8", scale_mode="block", block_size=2),
     "fira_right": lambda params: Fira([{"params": params[:1], "rank": 2, "update_proj_gap": 2, "svd": "randomized"},
                                        {"params": params[1:]}], lr=0.1, weight_decay=0.1),
 }

@@ -26,6 +26,7 @@ OPTIMIZERS = {
     "galore2": {"rank": 4, "proj_type": "right", "update_proj_gap": 2, "eps": 1e-4},
     "fira": {"rank": 4, "proj_type": "right", "update_proj_gap": 2, "svd": "randomized", "eps": 1e-4},
     "frugal": {"subspace": "block", "density": 0.5, "update_gap": 2, "inactive_update_rule": "sgd", "eps": 1e-4},
+    "eco": {"eps": 1e-4, "scale_mode": "row"},
 }
 
 

@@ -647,29 +647,46 @@ def test_sparse_gradients_are_refused_before_any_state_changes():
     assert not opt.state
 
 
-def test_dtensor_unquantized_group_steps_like_plain_and_quantized_one_is_refused(cpu_mesh):
-    """FSDP2 (DTensor) parameters: an unquantized group's AdamW steps like on plain tensors (its moments are created
-    sharded like the parameter); a quantized DTensor is refused at step(), naming the parameter and the fix."""
+@pytest.mark.parametrize("variant", ["adam", "sgdm"])
+def test_dtensor_row_shards_step_like_plain_tensors(cpu_mesh, variant):
+    """FSDP2 (DTensor) parameters: quantized weights (row shards: local row/block scales, the whole tensor's SR
+    noise on the local rows) and an unquantized group step bit for bit like plain tensors; the state is sharded
+    like the parameter. One process here; the slow 2-process test in test_ddp.py splits the rows for real."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    bias = nn.Parameter(torch.linspace(-1, 1, 6))
-    sharded = nn.Parameter(distribute_tensor(bias.detach().clone(), cpu_mesh, [Shard(0)]))
-    runs = [ECO([{"params": [nn.Parameter(torch.ones(3, 3))]}, {"params": [b], "quantize": False}], lr=0.1)
-            for b in (bias, sharded)]
-    for t in range(3):
-        g = torch.cos(torch.arange(6.0) * (t + 1))
-        bias.grad, sharded.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
-        for opt in runs:
-            opt.param_groups[0]["params"][0].grad = torch.ones(3, 3)
-            opt.step()
-    torch.testing.assert_close(sharded.full_tensor(), bias.detach(), rtol=1e-6, atol=1e-7)
-    assert isinstance(runs[1].state[sharded]["exp_avg"], DTensor)
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        return [nn.Parameter(torch.randn(7, 300, generator=gen)), nn.Parameter(torch.randn(6, generator=gen))]
 
-    w = nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
-    opt = ECO([{"params": [("fc.weight", w)]}], lr=0.1)
-    w_sharded = nn.Parameter(distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), cpu_mesh, [Shard(0)]))
-    opt.param_groups[0]["params"][0] = w_sharded  # FSDP2 swaps DTensors in after construction
-    w_sharded.grad = distribute_tensor(torch.ones(4, 3, dtype=torch.bfloat16), cpu_mesh, [Shard(0)])
-    with pytest.raises(RuntimeError, match=r"fc\.weight.*DTensor \(FSDP2-sharded\) parameters are not supported"):
+    plain, sharded = params(), [nn.Parameter(distribute_tensor(p.detach(), cpu_mesh, [Shard(0)])) for p in params()]
+    runs = [ECO([{"params": [ps[0]]}, {"params": [ps[1]], "quantize": False}], lr=0.1, variant=variant,
+                weight_format="int8", scale_mode="block", block_size=128) for ps in (plain, sharded)]
+    for t in range(3):
+        for p, s in zip(plain, sharded):
+            g = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (t + 1)).reshape(p.shape)
+            p.grad, s.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
+        for opt in runs:
+            opt.step()
+    for p, s in zip(plain, sharded):
+        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=0, atol=0)
+    state = runs[1].state[sharded[0]]
+    assert isinstance(state["scale"], DTensor) and state["scale"].placements == (Shard(0),)
+    assert tuple(state["scale"].shape) == (7, 3) and isinstance(runs[1].state[sharded[1]]["exp_avg"], DTensor)
+
+
+def test_dtensor_layouts_ecos_scales_cannot_take_are_refused(cpu_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def sharded(dim):
+        return nn.Parameter(distribute_tensor(torch.ones(4, 3), cpu_mesh, [Shard(dim)]))
+
+    with pytest.raises(ValueError, match=r"fc\.weight.*row-sharded \(FSDP2\) and scale_mode='tensor'.*"
+                                         r"scale_mode='row' or 'block'"):
+        ECO([{"params": [("fc.weight", sharded(0))]}], lr=0.1, scale_mode="tensor")
+    opt = ECO([{"params": [("fc.weight", nn.Parameter(torch.ones(4, 3)))]}], lr=0.1)
+    w = sharded(1)
+    opt.param_groups[0]["params"][0] = w  # FSDP2 swaps DTensors in after construction
+    w.grad = distribute_tensor(torch.ones(4, 3), cpu_mesh, [Shard(1)])
+    with pytest.raises(RuntimeError, match=r"fc\.weight.*placements \(Shard\(dim=1\),\).*takes row shards"):
         opt.step()
     assert not opt.state

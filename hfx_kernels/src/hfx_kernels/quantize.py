@@ -162,11 +162,13 @@ def philox_uniform(seed: int, offsets: Tensor, n_rounds: int = PHILOX_ROUNDS) ->
 
 
 def sr_noise(seed: int, shape: tuple[int, ...] | torch.Size, *, device: torch.device | str | None = None,
-             dtype: torch.dtype = torch.float32) -> Tensor:
+             dtype: torch.dtype = torch.float32, offset: int = 0) -> Tensor:
     """The stochastic-rounding noise the kernels draw for a tensor of ``shape``: ``tl.rand(seed, i)`` for the element
-    at row-major index ``i``, as ``dtype`` (exact: the values are float32)."""
+    at row-major index ``i``, as ``dtype`` (exact: the values are float32). ``offset`` shifts the indices: the noise
+    of rows ``r0..`` of a larger row-major tensor (a row shard) is ``sr_noise(seed, shard_shape, offset=r0 * cols)``,
+    the same numbers the whole tensor gets there."""
     numel = math.prod(shape)
-    return philox_uniform(seed, torch.arange(numel, device=device)).reshape(shape).to(dtype)
+    return philox_uniform(seed, torch.arange(offset, offset + numel, device=device)).reshape(shape).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -173,3 +173,14 @@ def complex_param_error(optimizer: str, what: str) -> ValueError:
 
 
 is_dtensor = _backend_is_dtensor  # whether a tensor is a DTensor (FSDP2 shard); one definition, the kernels' too
+
+
+def zeros_sharded_like(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
+    """Zeros of ``shape`` for state that lives next to ``p``: a DTensor on ``p``'s mesh with ``p``'s placements when
+    ``p`` is one (row shards: the same rows on every rank as ``p``'s), a plain tensor otherwise."""
+    dtype = p.dtype if dtype is None else dtype
+    if not is_dtensor(p):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    import torch.distributed.tensor as dt
+
+    return dt.zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)

@@ -54,7 +54,9 @@ from ._common import (
     run_closure,
     sparse_grad_error,
     with_offsets,
+    zeros_sharded_like,
 )
+from .projection import is_row_sharded
 from .quantize import (
     SCALE_MODES,
     Quantized,
@@ -387,6 +389,11 @@ class ECO(torch.optim.Optimizer):
     (rows, ceil(cols/block_size))), ``sr_seed`` (int) and ``error`` ("exact" only). Moments are float32 (float64 for
     float64 parameters) whatever the parameter's dtype, and :meth:`load_state_dict` keeps them so (torch's default
     would cast them to a bfloat16 parameter's dtype).
+
+    Distributed: DDP works (every rank draws the same noise). FSDP2 row shards (DTensor ``Shard(0)``) work with
+    ``scale_mode="row"`` or ``"block"``: each rank quantizes its own rows, with scales and moments sharded like the
+    weight and the noise the whole tensor draws on those rows, so a sharded run steps like an unsharded one.
+    ``scale_mode="tensor"`` (one scale across shards) and other layouts are refused.
     """
 
     def __init__(
@@ -489,10 +496,15 @@ class ECO(torch.optim.Optimizer):
                 f"parameter. Fix: load the model in bfloat16 or float32 (e.g. from_pretrained(..., "
                 f"dtype=torch.bfloat16)), or {exclude}."
             )
-        if is_dtensor(p):
+        if is_dtensor(p) and not is_row_sharded(p):
             raise ValueError(
-                f"{what}: DTensor (FSDP2-sharded) parameters are not supported yet. Fix: train with DDP or a single "
-                f"device, or {exclude}."
+                f"{what}: a DTensor with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; ECO "
+                f"takes row shards on a 1-D mesh (Shard(0), FSDP2's fully_shard). Fix: shard it by rows, or {exclude}."
+            )
+        if is_dtensor(p) and group["scale_mode"] == "tensor":
+            raise ValueError(
+                f"{what}: it is row-sharded (FSDP2) and scale_mode='tensor' has one scale across all shards. Fix: "
+                f"scale_mode='row' or 'block' (local to a row shard), or {exclude}."
             )
 
     # -- state ----------------------------------------------------------------------------------------------------
@@ -510,10 +522,11 @@ class ECO(torch.optim.Optimizer):
             state["exp_avg_sq"] = moment()
         if self._is_quantized(group, p):
             shape = _scale_shape(p.shape, group["scale_mode"], group["block_size"])
-            state["scale"] = torch.zeros(shape, dtype=cdt, device=device)
+            on_p = device == p.device  # row scales of a row-sharded parameter are sharded with its rows
+            state["scale"] = zeros_sharded_like(p, shape, cdt) if on_p else torch.zeros(shape, dtype=cdt, device=device)
             state["sr_seed"] = mix_seed(group["seed"], index)
             if group["error_feedback"] == "exact":
-                state["error"] = torch.zeros(p.shape, dtype=cdt, device=device)
+                state["error"] = moment()
         return state
 
     def _check_step(self) -> None:
@@ -540,7 +553,7 @@ class ECO(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any], first_index: int) -> None:
         adam = group["variant"] == "adam"
         stochastic = group["stochastic_rounding"]
-        q_p, q_g, q_m, q_v, q_s, q_seed, q_t, q_e = [], [], [], [], [], [], [], []
+        q_p, q_g, q_m, q_v, q_s, q_seed, q_noise, q_t, q_e = [], [], [], [], [], [], [], [], []
         r_p, r_g, r_m, r_v, r_t = [], [], [], [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -557,23 +570,28 @@ class ECO(torch.optim.Optimizer):
                 r_t.append(state["step"])
                 continue
             self._match_state(group, p, state)
-            q_p.append(p)
-            q_g.append(p.grad)
-            q_m.append(state["exp_avg"])
-            q_v.append(state.get("exp_avg_sq"))
-            q_s.append(state["scale"])
+            # a row-sharded DTensor steps on its local rows, with the noise the whole tensor draws on those rows
+            local = (lambda t: t if t is None else t.to_local()) if is_dtensor(p) else (lambda t: t)
+            q_p.append(local(p))
+            q_g.append(local(p.grad))
+            q_m.append(local(state["exp_avg"]))
+            q_v.append(local(state.get("exp_avg_sq")))
+            q_s.append(local(state["scale"]))
             q_t.append(state["step"])
-            q_e.append(state.get("error"))
-            q_seed.append(self._sr_seed(state) if stochastic else None)
+            q_e.append(local(state.get("error")))
+            seed = self._sr_seed(state) if stochastic else None
+            q_seed.append(seed if seed is None or not is_dtensor(p) else None)
+            q_noise.append(self._noise(p, state) if seed is not None and is_dtensor(p) else None)
 
         lr, wd = float(group["lr"]), group["weight_decay"]
         quant = dict(fmt=group["weight_format"], scale_mode=group["scale_mode"], block_size=group["block_size"])
         if q_p and adam:
             eco_adam_step(q_p, q_g, q_m, q_v, q_s, step=q_t, lr=lr, betas=group["betas"], eps=group["eps"],
-                          weight_decay=wd, seeds=q_seed, error_feedback=group["error_feedback"], **quant)
+                          weight_decay=wd, seeds=q_seed, noises=q_noise, error_feedback=group["error_feedback"],
+                          **quant)
         elif q_p:
             eco_sgdm_step(q_p, q_g, q_m, q_s, lr=lr, beta=group["betas"][0], weight_decay=wd, seeds=q_seed,
-                          error_feedback=group["error_feedback"],
+                          noises=q_noise, error_feedback=group["error_feedback"],
                           errors=q_e if group["error_feedback"] == "exact" else None, **quant)
         if r_p and adam:
             adamw_step(r_p, r_g, r_m, r_v, step=r_t, lr=lr, betas=group["betas"], eps=group["eps"], weight_decay=wd)
@@ -596,8 +614,14 @@ class ECO(torch.optim.Optimizer):
 
     @staticmethod
     def _noise(p: Tensor, state: dict[str, Any]) -> Tensor:
-        """The SR noise of the parameter at its current step, as the requantize kernel draws it (for inspection)."""
-        return sr_noise(ECO._sr_seed(state), p.shape, device=p.device, dtype=_compute_dtype(p))
+        """The SR noise of the parameter at its current step, as the requantize kernel draws it; for a row-sharded
+        DTensor, the local rows' part of the whole tensor's noise."""
+        if not is_dtensor(p):
+            return sr_noise(ECO._sr_seed(state), p.shape, device=p.device, dtype=_compute_dtype(p))
+        local = p.to_local()
+        first_row = p.__create_chunk_list__()[0].offsets[0]  # the shard's place in the whole tensor (what DCP saves)
+        return sr_noise(ECO._sr_seed(state), local.shape, device=local.device, dtype=_compute_dtype(p),
+                        offset=first_row * p.shape[1])
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -52,6 +52,7 @@ from ._common import (
     run_closure,
     sparse_grad_error,
     with_offsets,
+    zeros_sharded_like,
 )
 from .projection import (
     PROJ_TYPES,
@@ -485,7 +486,7 @@ class GaLore2(torch.optim.Optimizer):
         state["last_refresh"] = state["step"]
         shape = low_rank_shape(p.shape, group["rank"], sides)
         if "exp_avg" not in state or tuple(state["exp_avg"].shape) != shape:
-            state["exp_avg"], state["exp_avg_sq"] = (_zeros_like_rows(p, shape) for _ in range(2))
+            state["exp_avg"], state["exp_avg_sq"] = (zeros_sharded_like(p, shape) for _ in range(2))
             state["adam_step"] = 0
         elif group["moments_on_refresh"] == "reset":
             state["exp_avg"].zero_()
@@ -534,15 +535,6 @@ class GaLore2(torch.optim.Optimizer):
 # --------------------------------------------------------------------------------------------------
 # Factory for Trainer(optimizer_cls_and_kwargs=...) and hfx_optimizer
 # --------------------------------------------------------------------------------------------------
-
-
-def _zeros_like_rows(p: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Zero moments of ``shape`` for ``p``: a DTensor sharded like ``p`` (by rows) when ``p`` is one."""
-    if not is_dtensor(p):
-        return torch.zeros(shape, dtype=p.dtype, device=p.device)
-    import torch.distributed.tensor as dt
-
-    return dt.zeros(shape, dtype=p.dtype, device_mesh=p.device_mesh, placements=p.placements)
 
 
 def factory_signature(optimizer_cls: type) -> inspect.Signature:
