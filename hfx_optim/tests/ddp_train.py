@@ -12,9 +12,9 @@ from hfx.testing import fast_training_args, finish_distributed, make_tiny_datase
 
 ARGS = {"galore2": {"rank": 4, "update_proj_gap": 2}, "fira": {"rank": 4, "update_proj_gap": 2},
         "frugal": {"update_gap": 2, "subspace": "randk"}}
-model_path, out = sys.argv[1], sys.argv[2]
+model_path, names, out = sys.argv[1:4]
 results = {}
-for name in sys.argv[3].split(","):
+for name in names.split(","):
     args = fast_training_args(hfx.extend(SFTConfig), f"{out}.{name}", max_steps=3, learning_rate=1e-2,
                               hfx_optimizer=name, hfx_optimizer_args=ARGS.get(name, {}), max_length=32)
     trainer = hfx.extend(SFTTrainer)(model=model_path, args=args,

@@ -18,15 +18,22 @@ from hfx.testing import shared_tiny_model_dir
 HERE = Path(__file__).parent
 
 
+def run_on_two_ranks(script: str, port: int, out: Path, *args: str, timeout: int = 600) -> list[dict]:
+    """``torch.distributed.run`` of ``script`` on 2 CPU processes with ``out`` and ``args``; each rank writes a JSON
+    object to ``{out}.rank{r}``: the two, in rank order."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(HERE / script), *args, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
+
+
 @pytest.mark.slow
 def test_all_optimizers_identical_on_both_ranks(tmp_path):
     names = sorted(c.name for c in get_registry().contributions("optimizer") if c.plugin == "optim")
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(HERE / "ddp_train.py"), str(shared_tiny_model_dir("qwen2")), str(out), ",".join(names)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1))
+    rank0, rank1 = run_on_two_ranks("ddp_train.py", 29531, tmp_path / "run", str(shared_tiny_model_dir("qwen2")),
+                                    ",".join(names), timeout=900)
     assert sorted(rank0) == names
     for name in names:
         assert rank0[name]["world"] == 2 and rank0[name]["changed"] > 0, name
@@ -39,13 +46,7 @@ def test_fsdp2_sharded_parameters_step_like_whole_ones(tmp_path):
     norm is all-reduced across the shards (with the gradient norm above 1, a per-shard clip would differ), and
     GaLore 2's and Fira's right basis is sketched across them (a per-shard basis would differ), through 3
     refreshes, Fira's limiter norm is summed over them, and ECO's quantized rows draw the whole tensor's noise."""
-    out = tmp_path / "fsdp2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(HERE / "fsdp2_step.py"), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        diffs = json.loads(Path(f"{out}.rank{rank}").read_text())
+    for diffs in run_on_two_ranks("fsdp2_step.py", 29533, tmp_path / "fsdp2"):
         assert sorted(diffs) == ["eco_int8", "fira_right", "frugal_block", "galore2_right", "mars_adamw", "mars_lion"]
         assert max(diffs.values()) <= 1e-6, diffs  # ECO: a wrong noise offset would move weights by grid steps
 
@@ -55,12 +56,6 @@ def test_fsdp2_fully_shard_training_matches_unsharded(tmp_path):
     """A tiny Llama under FSDP2's ``fully_shard`` (2 processes; optimizers from their name-aware factories, state
     created lazily from the DTensor parameters) trains like an unsharded copy fed the global batch: MARS, GaLore 2
     and Fira (right projection, through 2 refreshes), FRUGAL (block subspace) and ECO (int8 row scales)."""
-    out = tmp_path / "fsdp2_train"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
-           str(HERE / "fsdp2_train.py"), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        diffs = json.loads(Path(f"{out}.rank{rank}").read_text())
+    for diffs in run_on_two_ranks("fsdp2_train.py", 29535, tmp_path / "fsdp2_train"):
         assert sorted(diffs) == ["eco", "fira", "frugal", "galore2", "mars"]
         assert max(diffs.values()) <= 1e-5, diffs
