@@ -616,3 +616,51 @@ def test_sparse_gradients_are_refused_before_any_state_changes():
     with pytest.raises(RuntimeError, match=r"does not support sparse gradients \(parameter 'weight'.*sparse=False"):
         opt.step()
     assert not opt.state and opt.param_groups[0]["block_steps"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# DTensor (FSDP2): row shards take a right basis or chosen columns; other layouts are refused clearly
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("subspace", "options"), [
+    ("svd", {"proj_side": "right", "svd": "randomized"}),
+    ("random", {"proj_side": "right"}),
+    ("columns", {}),
+    ("block", {}),
+])
+def test_dtensor_row_shards_step_like_whole_matrices(cpu_mesh, subspace, options):
+    """One process (the shard is the whole matrix): sharded = plain through two refreshes; the slow 2-process test
+    in test_ddp.py splits the rows for real."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        return [nn.Parameter(torch.randn(7, 8, generator=gen)), nn.Parameter(torch.randn(6, 5, generator=gen))]
+
+    plain, sharded = params(), [nn.Parameter(distribute_tensor(p.detach(), cpu_mesh, [Shard(0)])) for p in params()]
+    runs = [FRUGAL([{"params": ps, "hfx_target": True, "subspace": subspace, "density": 0.5, "update_gap": 2,
+                     "inactive_update_rule": "sgd", **options}], lr=0.1, weight_decay=0.1) for ps in (plain, sharded)]
+    for t in range(5):
+        for p, s in zip(plain, sharded):
+            i = torch.arange(p.numel(), dtype=torch.float32)
+            g = (torch.cos(i * (t + 1) + t) + 0.5 * torch.sin(0.37 * (t + 1) * i * i)).reshape(p.shape)
+            p.grad, s.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
+        for opt in runs:
+            opt.step()
+    for p, s in zip(plain, sharded):
+        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"subspace": "rows"}, r"subspace='rows' picks rows or entries across the shards.*subspace='columns'"),
+    ({"subspace": "randk"}, r"subspace='randk' picks rows or entries"),
+    ({"subspace": "svd", "svd": "randomized"}, r"proj_side='std' projects its rows.*Pass proj_side='right'"),
+    ({"subspace": "svd", "proj_side": "right", "svd": "exact"}, r"svd='exact' needs the whole matrix"),
+])
+def test_dtensor_subspaces_that_cross_shards_are_refused(cpu_mesh, options, message):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = nn.Parameter(distribute_tensor(torch.ones(4, 6), cpu_mesh, [Shard(0)]))  # std projects the 4 rows
+    with pytest.raises(ValueError, match=r"'fc\.weight'.*" + message):
+        FRUGAL([{"params": [("fc.weight", w)], "hfx_target": True, "density": 0.5, **options}])

@@ -184,3 +184,18 @@ def zeros_sharded_like(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype | N
     import torch.distributed.tensor as dt
 
     return dt.zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
+
+
+def replicated_like(p: Tensor, t: Tensor) -> Tensor:
+    """``t`` (the same on every rank, e.g. a subspace basis) as a replicated DTensor on ``p``'s mesh when ``p`` is a
+    DTensor, so sharded state stays one kind of tensor; ``t`` itself otherwise."""
+    if not is_dtensor(p):
+        return t
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(t, p.device_mesh, [Replicate()], run_check=False)
+
+
+def local_part(t: Tensor | None) -> Tensor | None:
+    """A DTensor's local shard (what an optimizer steps on), the tensor itself otherwise (None stays None)."""
+    return t.to_local() if t is not None and is_dtensor(t) else t

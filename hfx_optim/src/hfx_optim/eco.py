@@ -48,6 +48,7 @@ from ._common import (
     check_bool,
     finish_added_group,
     is_dtensor,
+    local_part,
     param_name,
     params_with_grad,
     per_param,
@@ -571,14 +572,13 @@ class ECO(torch.optim.Optimizer):
                 continue
             self._match_state(group, p, state)
             # a row-sharded DTensor steps on its local rows, with the noise the whole tensor draws on those rows
-            local = (lambda t: t if t is None else t.to_local()) if is_dtensor(p) else (lambda t: t)
-            q_p.append(local(p))
-            q_g.append(local(p.grad))
-            q_m.append(local(state["exp_avg"]))
-            q_v.append(local(state.get("exp_avg_sq")))
-            q_s.append(local(state["scale"]))
+            q_p.append(local_part(p))
+            q_g.append(local_part(p.grad))
+            q_m.append(local_part(state["exp_avg"]))
+            q_v.append(local_part(state.get("exp_avg_sq")))
+            q_s.append(local_part(state["scale"]))
             q_t.append(state["step"])
-            q_e.append(local(state.get("error")))
+            q_e.append(local_part(state.get("error")))
             seed = self._sr_seed(state) if stochastic else None
             q_seed.append(seed if seed is None or not is_dtensor(p) else None)
             q_noise.append(self._noise(p, state) if seed is not None and is_dtensor(p) else None)

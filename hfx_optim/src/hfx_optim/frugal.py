@@ -63,18 +63,23 @@ from ._common import (
     describe_param,
     finish_added_group,
     is_dtensor,
+    local_part,
     params_with_grad,
     per_param,
+    replicated_like,
     run_closure,
     sparse_grad_error,
     with_offsets,
+    zeros_sharded_like,
 )
 from .galore2 import factory_signature
 from .projection import (
     SVD_METHODS,
     back_project_update,
     compute_projectors,
+    is_row_sharded,
     projection_sides,
+    sharded_right_basis,
     sketch_seed,
     svd_dtype,
 )
@@ -411,9 +416,12 @@ class FRUGAL(torch.optim.Optimizer):
     "randk" ``2*floor(rho*m*n)`` plus as many int64 indices (as many bytes as the two fp32 moments); "block"
     ``2*m*n`` on the active tensors and 0 on the others, about ``rho`` of AdamW over a group.
 
-    Distributed: DDP works (every random choice is seeded from the state, so all ranks agree). "block" and the AdamW
-    groups are elementwise and accept FSDP2 (DTensor) parameters; "svd"/"random"/coordinates need whole matrices and
-    refuse DTensors, as they refuse the 1-D flat shards of FSDP1 (``use_orig_params=False``) and DeepSpeed ZeRO.
+    Distributed: DDP works (every random choice is seeded from the state, so all ranks agree). FSDP2 (DTensor)
+    parameters: "block" and the AdamW groups are elementwise and take any shards; on row shards (``Shard(0)``)
+    "columns" (the same columns on every rank) and "svd"/"random" with ``proj_side="right"`` (a right basis; "svd"
+    with ``svd="randomized"``, sketched across the shards without gathering G, as in GaLore2) step like whole
+    matrices. "rows"/"randk", a left basis and ``svd="exact"`` are refused with an error naming the fix, as are the
+    1-D flat shards of FSDP1 (``use_orig_params=False``) and DeepSpeed ZeRO.
     """
 
     _name = "FRUGAL"
@@ -521,11 +529,7 @@ class FRUGAL(torch.optim.Optimizer):
         """The per-matrix subspaces need a whole 2-D tensor with at least one state-full coordinate."""
         what, kind = describe_param(group, i, p), group["subspace"]
         if is_dtensor(p):
-            raise ValueError(
-                f"FRUGAL: {what} is a DTensor (FSDP2-sharded, placements {tuple(p.placements)}); subspace={kind!r} "
-                "needs whole matrices. Use subspace='block' (elementwise, works on shards), train with DDP, or leave "
-                "this module out of target_modules."
-            )
+            self._check_shards(group, what, p)
         if p.ndim != 2:
             raise ValueError(
                 f"FRUGAL: {what} is not 2-D, but subspace={kind!r} splits matrices. Use subspace='block' (any "
@@ -544,6 +548,27 @@ class FRUGAL(torch.optim.Optimizer):
                 f"SVD has at most min(rows, cols) = {min(p.shape)} directions. Use proj_side='std' (the shorter "
                 "side) or a smaller density."
             )
+
+    @staticmethod
+    def _check_shards(group: dict[str, Any], what: str, p: Tensor) -> None:
+        """A DTensor in a per-matrix group: row shards (FSDP2's ``Shard(0)``) whose subspace keeps every row's
+        coordinates local (a right basis or chosen columns), or an error naming the fix."""
+        kind = group["subspace"]
+        fixes = "use subspace='block' (any shards), train with DDP, or leave this module out of target_modules"
+        if not is_row_sharded(p):
+            raise ValueError(f"FRUGAL: {what} is a DTensor with placements {tuple(p.placements)} on a "
+                             f"{p.device_mesh.ndim}-D mesh; the per-matrix subspaces take row shards on a 1-D mesh "
+                             f"(Shard(0), FSDP2's fully_shard). Shard it by rows, or {fixes}.")
+        if kind in ("rows", "randk"):
+            raise ValueError(f"FRUGAL: {what} is row-sharded (FSDP2) and subspace={kind!r} picks rows or entries "
+                             f"across the shards. Use subspace='columns', 'svd' or 'random' with "
+                             f"proj_side='right', or {fixes}.")
+        if kind in ("svd", "random") and projection_sides(group["proj_side"], p.shape) != (False, True):
+            raise ValueError(f"FRUGAL: {what} is row-sharded (FSDP2) and proj_side={group['proj_side']!r} projects "
+                             f"its rows; only a right basis keeps shards local. Pass proj_side='right', or {fixes}.")
+        if kind == "svd" and group["svd"] != "randomized":
+            raise ValueError(f"FRUGAL: {what} is row-sharded (FSDP2) and svd='exact' needs the whole matrix; pass "
+                             f"svd='randomized' (it sketches across shards without gathering G), or {fixes}.")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every state tensor but "step" to its parameter's dtype: int64 coordinates would come back as
@@ -593,9 +618,8 @@ class FRUGAL(torch.optim.Optimizer):
         if shape is None:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        else:
-            state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        else:  # a row-sharded parameter's low-rank moments (rows × size) are sharded with its rows
+            state["exp_avg"], state["exp_avg_sq"] = (zeros_sharded_like(p, shape) for _ in range(2))
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
         params, grads, ms, vs, ts = [], [], [], [], []
@@ -665,7 +689,10 @@ class FRUGAL(torch.optim.Optimizer):
         for key in ("proj_left", "proj_right", "coord_index"):
             state.pop(key, None)
         m, n = p.shape
-        if kind == "svd":
+        if kind == "svd" and is_dtensor(p):  # row shards: the right basis without gathering G (GaLore2's)
+            left, right = None, replicated_like(p, sharded_right_basis(p.grad, size, oversample=group["oversample"],
+                                                                   power_iters=group["power_iters"], seed=seed))
+        elif kind == "svd":
             left, right = compute_projectors(p.grad, size, group["proj_side"], method=group["svd"],
                                              oversample=group["oversample"], power_iters=group["power_iters"],
                                              seed=seed, dtype=p.dtype)
@@ -675,7 +702,7 @@ class FRUGAL(torch.optim.Optimizer):
             generator = torch.Generator().manual_seed(seed)  # drawn on the CPU in float64: the same on every device
             gaussian = torch.randn(side, size, generator=generator, dtype=torch.float64)
             basis = torch.linalg.qr(gaussian.to(svd_dtype(p.dtype))).Q.to(dtype=p.dtype, device=p.device)
-            left, right = (basis.contiguous(), None) if use_left else (None, basis.mT.contiguous())
+            left, right = (basis.contiguous(), None) if use_left else (None, replicated_like(p, basis.mT.contiguous()))
         else:
             left = right = None
             total = {"columns": n, "rows": m, "randk": m * n}[kind]
@@ -703,7 +730,7 @@ class FRUGAL(torch.optim.Optimizer):
         kind = group["subspace"]
         if kind in COORDINATE_SUBSPACES:
             return Subspace(index=state["coord_index"], dim={"columns": 1, "rows": 0, "randk": None}[kind])
-        left, right = state.get("proj_left"), state.get("proj_right")
+        left, right = state.get("proj_left"), local_part(state.get("proj_right"))
         side = p.shape[0] if left is not None else p.shape[1]
         rank = (left if left is not None else right.mT).shape[1]
         return Subspace(left=left, right=right, complete=rank == side)
@@ -720,10 +747,10 @@ class FRUGAL(torch.optim.Optimizer):
                 self._refresh(group, p, state)
             state["step"] += 1
             state["adam_step"] += 1
-            params.append(p)
-            grads.append(p.grad)
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
+            params.append(local_part(p))  # a row-sharded DTensor steps on its local rows
+            grads.append(local_part(p.grad))
+            ms.append(local_part(state["exp_avg"]))
+            vs.append(local_part(state["exp_avg_sq"]))
             subs.append(self._subspace(group, p, state))
             ts.append(state["adam_step"])
         if params:

@@ -47,8 +47,10 @@ from ._common import (
     describe_param,
     finish_added_group,
     is_dtensor,
+    local_part,
     params_with_grad,
     per_param,
+    replicated_like,
     run_closure,
     sparse_grad_error,
     with_offsets,
@@ -306,8 +308,8 @@ class GaLore2(torch.optim.Optimizer):
     back-projection are local, and a refresh all-reduces only n×k and gathers m×k sketches
     (:func:`hfx_optim.projection.sharded_right_basis`, the same basis as on the whole matrix). Other sharded
     layouts, a left projection and ``svd="exact"`` are refused with an error that names the fix; AdamW groups take
-    any DTensor. :class:`hfx_optim.Fira` takes row shards the same way. FSDP1 with flat parameters and DeepSpeed ZeRO hand the optimizer 1-D shards, which a projected
-    group refuses.
+    any DTensor. :class:`hfx_optim.Fira` and FRUGAL's "svd"/"random" subspaces take row shards the same way. FSDP1
+    with flat parameters and DeepSpeed ZeRO hand the optimizer 1-D shards, which a projected group refuses.
     """
 
     _name = "GaLore2"
@@ -470,10 +472,7 @@ class GaLore2(torch.optim.Optimizer):
         sketch = dict(oversample=group["oversample"], power_iters=group["power_iters"],
                       seed=sketch_seed(state["seed"], state["refreshes"]))
         if is_dtensor(p):  # row shards: the right basis without gathering G, kept as a replicated DTensor
-            from torch.distributed.tensor import DTensor, Replicate
-
-            basis = sharded_right_basis(p.grad, group["rank"], **sketch)
-            left, right = None, DTensor.from_local(basis, p.device_mesh, [Replicate()], run_check=False)
+            left, right = None, replicated_like(p, sharded_right_basis(p.grad, group["rank"], **sketch))
         else:
             left, right = compute_projectors(p.grad, group["rank"], group["proj_type"], method=group["svd"],
                                              dtype=p.dtype, **sketch)
@@ -508,7 +507,7 @@ class GaLore2(torch.optim.Optimizer):
                 state["adam_step"] += 1
             state["step"] += 1
             # a projected row-sharded DTensor steps on its local rows: every tensor below is then local
-            local = (lambda t: t if t is None else t.to_local()) if projected and is_dtensor(p) else (lambda t: t)
+            local = local_part if projected else (lambda t: t)
             lists["p"].append(local(p))
             lists["g"].append(local(p.grad))
             lists["m"].append(local(state["exp_avg"]))
