@@ -39,7 +39,6 @@ from hfx_kernels._backend import (
     check_same_shapes,
     compute_dtype,
     group_by_dtype,
-    is_dtensor,
     tl,
     tl_dtype,
     triton,
@@ -236,10 +235,10 @@ def mars_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grad
 
 def _fast_torch_applies(params, grads, prev_grads, exp_avgs, exp_avg_sqs) -> bool:
     """Whether the torch path can run in multi-tensor form: float32/float64 storage throughout (the reference computes
-    bf16/fp16 tensors in float32, which foreach ops on them would not), and no DTensor (the reference's out-of-place
-    norm is what all-reduces a sharded tensor's norm)."""
+    bf16/fp16 tensors in float32, which foreach ops on them would not); no DTensor (``torch_fused_applies``: the
+    reference's out-of-place norm is what all-reduces a sharded tensor's norm)."""
     return (torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs)
-            and all(p.dtype in (torch.float32, torch.float64) and p.dtype == gp.dtype and not is_dtensor(p)
+            and all(p.dtype in (torch.float32, torch.float64) and p.dtype == gp.dtype
                     for p, gp in zip(params, prev_grads)))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hfx_kernels._backend import is_dtensor as _backend_is_dtensor
+from hfx_kernels._backend import is_dtensor  # one definition, shared with the kernels' dispatch
 
 Steps = int | Sequence[int]
 Group = dict[str, Any]
@@ -170,9 +170,6 @@ def sparse_grad_error(optimizer: str, what: str, advice: str = "") -> RuntimeErr
 def complex_param_error(optimizer: str, what: str) -> ValueError:
     return ValueError(f"{optimizer} does not support complex parameters ({what}); optimise torch.view_as_real(param) "
                       "instead")
-
-
-is_dtensor = _backend_is_dtensor  # whether a tensor is a DTensor (FSDP2 shard); one definition, the kernels' too
 
 
 def zeros_sharded_like(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:

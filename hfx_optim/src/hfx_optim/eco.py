@@ -579,9 +579,9 @@ class ECO(torch.optim.Optimizer):
             q_s.append(local_part(state["scale"]))
             q_t.append(state["step"])
             q_e.append(local_part(state.get("error")))
-            seed = self._sr_seed(state) if stochastic else None
-            q_seed.append(seed if seed is None or not is_dtensor(p) else None)
-            q_noise.append(self._noise(p, state) if seed is not None and is_dtensor(p) else None)
+            sharded = is_dtensor(p)
+            q_seed.append(self._sr_seed(state) if stochastic and not sharded else None)
+            q_noise.append(self._noise(p, state) if stochastic and sharded else None)
 
         lr, wd = float(group["lr"]), group["weight_decay"]
         quant = dict(fmt=group["weight_format"], scale_mode=group["scale_mode"], block_size=group["block_size"])

@@ -313,7 +313,6 @@ class GaLore2(torch.optim.Optimizer):
     """
 
     _name = "GaLore2"
-    _takes_row_shards = True  # the gather-free right projection of spec §3.2
 
     def __init__(
         self,
@@ -423,9 +422,6 @@ class GaLore2(torch.optim.Optimizer):
         or an error naming the fix."""
         leave_out = ("or leave this module out of target_modules (its group then runs AdamW, which takes any "
                      "DTensor)")
-        if not self._takes_row_shards:
-            raise ValueError(f"{self._name}: {what} is a DTensor (FSDP2-sharded, placements {tuple(p.placements)}); "
-                             f"{self._name} needs whole matrices. Train it with DDP instead of FSDP2, {leave_out}.")
         if not is_row_sharded(p):
             raise ValueError(f"{self._name}: {what} is a DTensor with placements {tuple(p.placements)} on a "
                              f"{p.device_mesh.ndim}-D mesh; the projected path takes row shards on a 1-D mesh "
@@ -506,14 +502,13 @@ class GaLore2(torch.optim.Optimizer):
                     self._refresh(group, p, state)
                 state["adam_step"] += 1
             state["step"] += 1
-            # a projected row-sharded DTensor steps on its local rows: every tensor below is then local
-            local = local_part if projected else (lambda t: t)
-            lists["p"].append(local(p))
-            lists["g"].append(local(p.grad))
-            lists["m"].append(local(state["exp_avg"]))
-            lists["v"].append(local(state["exp_avg_sq"]))
-            lists["left"].append(local(state.get("proj_left")))
-            lists["right"].append(local(state.get("proj_right")))
+            # a DTensor steps on its local shard (row shards when projected): every tensor below is then local
+            lists["p"].append(local_part(p))
+            lists["g"].append(local_part(p.grad))
+            lists["m"].append(local_part(state["exp_avg"]))
+            lists["v"].append(local_part(state["exp_avg_sq"]))
+            lists["left"].append(local_part(state.get("proj_left")))
+            lists["right"].append(local_part(state.get("proj_right")))
             lists["t"].append(state["adam_step"] if projected else state["step"])
             lists["state"].append(state)
             lists["mesh"].append(p.device_mesh if projected and is_dtensor(p) else None)  # rows on other ranks
