@@ -10,6 +10,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from spec_reference import full_rank_gradient  # this script's folder is on sys.path
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -44,9 +45,7 @@ for name, build in BUILD.items():
     runs = [build(whole), build(sharded)]
     for t in range(5):  # GaLore 2 refreshes before steps 1, 3 and 5
         for p, s in zip(whole, sharded):
-            i = torch.arange(p.numel(), dtype=torch.float32)
-            # norm > 1 (MARS clips); full rank (cos alone has rank 2: Fira's residual would be rounding noise)
-            g = (torch.cos(i * (t + 1) + t) + 0.5 * torch.sin(0.37 * (t + 1) * i * i)).reshape(p.shape) * 3
+            g = full_rank_gradient(p.shape, t) * 3  # norm > 1: MARS clips
             p.grad, s.grad = g, distribute_tensor(g, mesh, [Shard(0)])
         for opt in runs:
             opt.step()

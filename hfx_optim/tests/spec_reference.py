@@ -132,3 +132,10 @@ def run_projected(cls, shape, steps: int, options: dict, dtype=torch.float64, am
         b.grad = torch.tensor(grad_t(m, 1, t, amp)[:, 0], dtype=dtype)
         opt.step()
     return w.detach(), b.detach(), opt
+
+
+def full_rank_gradient(shape, t: int) -> torch.Tensor:
+    """A deterministic full-rank gradient for step ``t`` (cos(a i + b) alone has rank 2, which would leave Fira's
+    residual at the rounding level, where its limiter compares noise); used by the DTensor/FSDP2 tests."""
+    i = torch.arange(int(np.prod(shape)), dtype=torch.float32)
+    return (torch.cos(i * (t + 1) + t) + 0.5 * torch.sin(0.37 * (t + 1) * i * i)).reshape(shape)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from spec_reference import canon, grad_t, refresh_seed, splitmix64, torch_sketch, w0
+from spec_reference import canon, full_rank_gradient, grad_t, refresh_seed, splitmix64, torch_sketch, w0
 from torch import nn
 
 import hfx
@@ -643,8 +643,7 @@ def test_dtensor_row_shards_step_like_whole_matrices(cpu_mesh, subspace, options
                      "inactive_update_rule": "sgd", **options}], lr=0.1, weight_decay=0.1) for ps in (plain, sharded)]
     for t in range(5):
         for p, s in zip(plain, sharded):
-            i = torch.arange(p.numel(), dtype=torch.float32)
-            g = (torch.cos(i * (t + 1) + t) + 0.5 * torch.sin(0.37 * (t + 1) * i * i)).reshape(p.shape)
+            g = full_rank_gradient(p.shape, t)
             p.grad, s.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
         for opt in runs:
             opt.step()

@@ -9,12 +9,10 @@ torch.Generator seeded with chained SplitMix64 values, drawing float64 normals).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-from spec_reference import down, grad_t, rel, run_projected, subspace_schedule, up, w0
+from spec_reference import down, full_rank_gradient, grad_t, rel, run_projected, subspace_schedule, up, w0
 from torch import nn
 
 import hfx
@@ -281,13 +279,6 @@ def test_sft_trainer_with_optimizer_cls_and_kwargs(registry, sft_trainer, train_
 # --------------------------------------------------------------------------------------------------
 # DTensor (FSDP2): row shards take the right projection without gathering; other layouts are refused clearly
 # --------------------------------------------------------------------------------------------------
-
-
-def full_rank_gradient(shape, t: int) -> torch.Tensor:
-    """A deterministic gradient of full rank (cos(a i + b) alone has rank 2, which would leave Fira's residual at
-    the rounding level, where its limiter compares noise)."""
-    i = torch.arange(math.prod(shape), dtype=torch.float32)
-    return (torch.cos(i * (t + 1) + t) + 0.5 * torch.sin(0.37 * (t + 1) * i * i)).reshape(shape)
 
 
 @pytest.mark.parametrize("cls", ["GaLore2", "Fira"])
