@@ -139,3 +139,27 @@ def full_rank_gradient(shape, t: int) -> torch.Tensor:
     residual at the rounding level, where its limiter compares noise); used by the DTensor/FSDP2 tests."""
     i = torch.arange(int(np.prod(shape)), dtype=torch.float32)
     return (torch.cos(i * (t + 1) + t) + 0.5 * torch.sin(0.37 * (t + 1) * i * i)).reshape(shape)
+
+
+def check_sharded_steps_like_plain(build, shapes, mesh, steps: int = 5):
+    """Seeded parameters of ``shapes``, plain and row-sharded (``Shard(0)`` DTensors on ``mesh``), each set given to
+    ``build`` (a list of parameters -> optimizer) and stepped ``steps`` times with :func:`full_rank_gradient`; asserts
+    the sharded ones end equal to the plain ones (1e-6) and returns ``(sharded params, sharded optimizer,
+    plain optimizer)`` for further checks of the state."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        return [nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+
+    plain, sharded = params(), [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in params()]
+    plain_opt, sharded_opt = build(plain), build(sharded)
+    for t in range(steps):
+        for p, s in zip(plain, sharded):
+            g = full_rank_gradient(p.shape, t)
+            p.grad, s.grad = g, distribute_tensor(g, mesh, [Shard(0)])
+        plain_opt.step()
+        sharded_opt.step()
+    for p, s in zip(plain, sharded):
+        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-6)
+    return sharded, sharded_opt, plain_opt, plain

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from spec_reference import canon, full_rank_gradient, grad_t, refresh_seed, splitmix64, torch_sketch, w0
+from spec_reference import canon, check_sharded_steps_like_plain, grad_t, refresh_seed, splitmix64, torch_sketch, w0
 from torch import nn
 
 import hfx
@@ -632,23 +632,10 @@ def test_sparse_gradients_are_refused_before_any_state_changes():
 def test_dtensor_row_shards_step_like_whole_matrices(cpu_mesh, subspace, options):
     """One process (the shard is the whole matrix): sharded = plain through two refreshes; the slow 2-process test
     in test_ddp.py splits the rows for real."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    def params():
-        gen = torch.Generator().manual_seed(0)
-        return [nn.Parameter(torch.randn(7, 8, generator=gen)), nn.Parameter(torch.randn(6, 5, generator=gen))]
-
-    plain, sharded = params(), [nn.Parameter(distribute_tensor(p.detach(), cpu_mesh, [Shard(0)])) for p in params()]
-    runs = [FRUGAL([{"params": ps, "hfx_target": True, "subspace": subspace, "density": 0.5, "update_gap": 2,
-                     "inactive_update_rule": "sgd", **options}], lr=0.1, weight_decay=0.1) for ps in (plain, sharded)]
-    for t in range(5):
-        for p, s in zip(plain, sharded):
-            g = full_rank_gradient(p.shape, t)
-            p.grad, s.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
-        for opt in runs:
-            opt.step()
-    for p, s in zip(plain, sharded):
-        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-6)
+    check_sharded_steps_like_plain(
+        lambda ps: FRUGAL([{"params": ps, "hfx_target": True, "subspace": subspace, "density": 0.5, "update_gap": 2,
+                            "inactive_update_rule": "sgd", **options}], lr=0.1, weight_decay=0.1),
+        [(7, 8), (6, 5)], cpu_mesh)
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from spec_reference import down, full_rank_gradient, grad_t, rel, run_projected, subspace_schedule, up, w0
+from spec_reference import check_sharded_steps_like_plain, down, grad_t, rel, run_projected, subspace_schedule, up, w0
 from torch import nn
 
 import hfx
@@ -286,31 +286,19 @@ def test_dtensor_row_shards_step_like_whole_matrices(cpu_mesh, cls):
     """One process (the shard is the whole matrix): the sharded path (local projection, row-sharded moments,
     sketch across shards, Fira's limiter norm summed over the mesh) gives the whole-matrix result through two
     refreshes, projected and AdamW groups alike. The slow 2-process test in test_ddp.py splits the rows for real."""
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
 
     from hfx_optim import Fira
 
     optimizer = {"GaLore2": GaLore2, "Fira": Fira}[cls]
-
-    def params():
-        gen = torch.Generator().manual_seed(0)
-        return [nn.Parameter(torch.randn(7, 5, generator=gen)), nn.Parameter(torch.randn(6, generator=gen))]
-
-    plain, sharded = params(), [nn.Parameter(distribute_tensor(p.detach(), cpu_mesh, [Shard(0)])) for p in params()]
-    runs = [optimizer([{"params": [ps[0]], "rank": 2, "update_proj_gap": 2, "svd": "randomized"},
-                       {"params": [ps[1]]}], lr=0.1, weight_decay=0.1) for ps in (plain, sharded)]
-    for t in range(5):
-        for p, s in zip(plain, sharded):
-            g = full_rank_gradient(p.shape, t)
-            p.grad, s.grad = g, distribute_tensor(g, cpu_mesh, [Shard(0)])
-        for opt in runs:
-            opt.step()
-    for p, s in zip(plain, sharded):
-        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-6)
-    state = runs[1].state[sharded[0]]
+    sharded, opt, plain_opt, plain = check_sharded_steps_like_plain(
+        lambda ps: optimizer([{"params": [ps[0]], "rank": 2, "update_proj_gap": 2, "svd": "randomized"},
+                              {"params": [ps[1]]}], lr=0.1, weight_decay=0.1),
+        [(7, 5), (6,)], cpu_mesh)
+    state = opt.state[sharded[0]]
     assert state["refreshes"] == 3 and isinstance(state["exp_avg"], DTensor)
     assert state["exp_avg"].placements == (Shard(0),) and tuple(state["exp_avg"].shape) == (7, 2)
-    torch.testing.assert_close(state["proj_right"].full_tensor(), runs[0].state[plain[0]]["proj_right"],
+    torch.testing.assert_close(state["proj_right"].full_tensor(), plain_opt.state[plain[0]]["proj_right"],
                                rtol=1e-5, atol=1e-6)
 
 
